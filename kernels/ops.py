@@ -1,0 +1,120 @@
+"""Elementwise / attention kernels (pythran source; also runs, slowly, as plain Python).
+
+All arrays float32 unless noted; outputs preallocated by the caller or updated in place.
+"""
+import numpy as np
+
+#pythran export rmsnorm(float32[:,:], float32[:], float32, float32[:,:])
+#pythran export rmsnorm(float32[:,:], float32[:], float, float32[:,:])
+#pythran export rope(float32[:,:,:], int32[:], float32[:,:], float32[:,:], bool)
+#pythran export attention(float32[:,:,:], float32[:,:,:,:], float32[:,:,:,:], int32[:], int32[:], int32[:], float32, float32[:,:,:])
+#pythran export attention(float32[:,:,:], float32[:,:,:,:], float32[:,:,:,:], int32[:], int32[:], int32[:], float, float32[:,:,:])
+#pythran export silu_mul(float32[:,:], float32[:,:])
+
+
+def rmsnorm(x, w, eps, out):
+    """out[b] = w * (x[b] * s), s = float32(1 / sqrt(mean(x[b]**2) + eps)).
+
+    The sum of squares is accumulated in float64 (then mean + eps and 1/sqrt in float64, rounded
+    once to float32)."""
+    B = x.shape[0]
+    n = x.shape[1]
+    e = float(eps)
+    for b in range(B):
+        ss = 0.0
+        for i in range(n):
+            v = float(x[b, i])
+            ss += v * v
+        s = np.float32(1.0 / np.sqrt(ss / n + e))
+        for i in range(n):
+            out[b, i] = w[i] * (x[b, i] * s)
+
+
+def rope(x, pos, cos, sin, interleaved):
+    """In place on x[B, nheads, hd]; pairs (2j, 2j+1) if interleaved else (j, j + hd/2);
+    (a, b) -> (a*c - b*s, a*s + b*c) with c = cos[pos[b], j], s = sin[pos[b], j]."""
+    B = x.shape[0]
+    nh = x.shape[1]
+    half = x.shape[2] // 2
+    for b in range(B):
+        p = pos[b]
+        for h in range(nh):
+            if interleaved:
+                for j in range(half):
+                    c = cos[p, j]
+                    s = sin[p, j]
+                    a0 = x[b, h, 2 * j]
+                    a1 = x[b, h, 2 * j + 1]
+                    x[b, h, 2 * j] = a0 * c - a1 * s
+                    x[b, h, 2 * j + 1] = a0 * s + a1 * c
+            else:
+                for j in range(half):
+                    c = cos[p, j]
+                    s = sin[p, j]
+                    a0 = x[b, h, j]
+                    a1 = x[b, h, j + half]
+                    x[b, h, j] = a0 * c - a1 * s
+                    x[b, h, j + half] = a0 * s + a1 * c
+
+
+def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
+    """q[B, nh, hd]; kc, vc[nslots, nkv, S, hd]; out[B, nh, hd].
+
+    For batch row b and head h: keys/values of slot slot[b], kv head kv_of_head[h], positions
+    0..pos[b]; softmax(scale * q.k) (max subtracted) weighted sum of values. float32 throughout."""
+    B = q.shape[0]
+    nh = q.shape[1]
+    hd = q.shape[2]
+    sc = np.float32(scale)
+    #omp parallel for schedule(dynamic)
+    for bh in range(B * nh):
+        b = bh // nh
+        h = bh - b * nh     # not bh % nh: pythran strength-reduces % in a loop into a counter
+                            # declared outside it, which is shared (racy) under OpenMP
+        sl = slot[b]
+        kv = kv_of_head[h]
+        n = pos[b] + 1
+        zero = np.float32(0.0)
+        scores = np.zeros(n, np.float32)
+        acc = np.zeros(hd, np.float32)
+        part = np.zeros(16, np.float32)
+        hd16 = hd - hd % 16
+        mx = np.float32(-3.0e38)
+        for t in range(n):
+            for l in range(16):
+                part[l] = zero
+            for d0 in range(0, hd16, 16):
+                for l in range(16):
+                    part[l] += q[b, h, d0 + l] * kc[sl, kv, t, d0 + l]
+            s = zero
+            for d in range(hd16, hd):
+                s += q[b, h, d] * kc[sl, kv, t, d]
+            for l in range(16):
+                s += part[l]
+            s = s * sc
+            scores[t] = s
+            if s > mx:
+                mx = s
+        tot = zero
+        for t in range(n):
+            e = np.exp(scores[t] - mx)
+            scores[t] = e
+            tot += e
+        for t in range(n):
+            a = scores[t]
+            for d in range(hd):
+                acc[d] += a * vc[sl, kv, t, d]
+        inv = np.float32(1.0) / tot
+        for d in range(hd):
+            out[b, h, d] = acc[d] * inv
+
+
+def silu_mul(a, b):
+    """In place: a = a / (1 + exp(-a)) * b."""
+    B = a.shape[0]
+    n = a.shape[1]
+    one = np.float32(1.0)
+    for i in range(B):
+        for j in range(n):
+            v = a[i, j]
+            a[i, j] = v / (one + np.exp(-v)) * b[i, j]
