@@ -18,20 +18,33 @@ def fail(message: str, code: int = 2):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dllama-mpi")
-def main():
+def cli():
     """Tensor-parallel LLM inference across several computers as one MPI job."""
+
+
+def main():
+    """Console entry point: click's usage errors become one `error:` line like ours."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        fail("interrupted", 130)
+    except click.ClickException as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+        fail(e.format_message() + hint, e.exit_code)
 
 
 # -- slice ----------------------------------------------------------------------------------
 
-@main.command("slice")
+@cli.command("slice")
 @click.argument("source", type=click.Path(dir_okay=False, path_type=pathlib.Path))
 @click.option("--nodes", "-n", type=click.IntRange(1, 4096), required=True, help="Number of ranks of the job that will run it.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=pathlib.Path), required=True, help="Folder for rank-R-of-N.h5.")
 @click.option("--weights-float-type", type=click.Choice(WEIGHT_TYPES), default="auto", show_default=True,
               help="auto keeps each matrix's blocks when a kernel reads them, else requantizes to q40.")
+@click.option("--head-float-type", type=click.Choice(WEIGHT_TYPES), default="auto", show_default=True,
+              help="LM head: auto follows --weights-float-type but keeps 8 bits (q80) when that is 4-bit.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def slice_cmd(source, nodes, out, weights_float_type, quiet):
+def slice_cmd(source, nodes, out, weights_float_type, head_float_type, quiet):
     """Pre-split a model file (GGUF) into one HDF5 slice file per rank."""
     from .readers import ModelError, open_model
     from .slicefile import SliceError, write_slices
@@ -49,7 +62,8 @@ def slice_cmd(source, nodes, out, weights_float_type, quiet):
             bar.set_postfix_str(name, refresh=False)
             bar.update(i - bar.n)
 
-        paths = write_slices(model, nodes, out, weights_float_type, progress=progress if bar else None)
+        paths = write_slices(model, nodes, out, weights_float_type, progress=progress if bar else None,
+                             head_type=head_float_type)
         if bar:
             bar.close()
     except (ModelError, SliceError, ValueError) as e:
@@ -147,7 +161,7 @@ def save_npy(path: pathlib.Path, arr) -> None:
     os.replace(tmp, path)
 
 
-@main.command()
+@cli.command()
 @runtime_options
 @click.option("--prompt", "-p", help="Prompt text.")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids (no tokenizer involved).")
@@ -205,7 +219,7 @@ def infer(prompt, prompt_ids, steps, chat, temperature, top_p, top_k, seed, logi
     sys.exit(code)
 
 
-@main.command()
+@cli.command()
 @runtime_options
 @click.option("--file", "-f", "path", type=click.Path(dir_okay=False, path_type=pathlib.Path), required=True,
               help="UTF-8 text to score.")

@@ -53,6 +53,52 @@ def quantize_blocks(w: np.ndarray, qtype: str) -> np.ndarray:
     return _gq.quantize(w, _GGML_TYPE[qtype])
 
 
+def quantize_q40_mse(w: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
+    """float32 [rows, cols] -> Q4_0 blocks chosen for least squared error, byte layout as GGML.
+
+    GGML's reference Q4_0 quantizer fixes d = max/-8. Requantizing already-quantized weights
+    (e.g. Q4_1 -> Q4_0) with it loses a lot; like llama.cpp's make_qx_quants we try 19 scales
+    around it per block, keep the levels with the best least-squares fit, and store that
+    fit's scale. Costs 19 passes over the tensor, in row chunks to bound memory."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.ndim != 2 or w.shape[1] % QK:
+        raise ValueError(f"need a 2-D matrix with cols % 32 == 0, got shape {w.shape}")
+    rows, cols = w.shape
+    out = np.empty((rows, cols // QK * 18), np.uint8)
+    for r0 in range(0, rows, chunk_rows):
+        x = w[r0:r0 + chunk_rows].reshape(-1, QK).astype(np.float64)
+        amax_at = np.abs(x).argmax(axis=1)
+        vmax = x[np.arange(len(x)), amax_at]
+        safe = np.where(vmax == 0, 1.0, vmax)
+        best_score = np.full(len(x), -1.0)
+        best_l = np.zeros(x.shape, np.float64)
+        for step in range(-9, 10):
+            iscale = -(8 + 0.1 * step) / safe
+            lv = np.clip(np.rint(x * iscale[:, None]), -8, 7)
+            sumlx = (lv * x).sum(axis=1)
+            suml2 = (lv * lv).sum(axis=1)
+            score = np.where(suml2 > 0, sumlx * sumlx / np.where(suml2 > 0, suml2, 1), 0.0)
+            better = score > best_score
+            best_score = np.where(better, score, best_score)
+            best_l[better] = lv[better]
+        suml2 = (best_l * best_l).sum(axis=1)
+        d = np.where(suml2 > 0, (best_l * x).sum(axis=1) / np.where(suml2 > 0, suml2, 1), 0.0)
+        d16 = d.astype(np.float16)
+        # re-round the levels against the stored (f16) scale
+        d32 = d16.astype(np.float32).astype(np.float64)
+        inv = np.where(d32 != 0, 1.0 / np.where(d32 != 0, d32, 1), 0.0)
+        q = (np.clip(np.rint(x * inv[:, None]), -8, 7) + 8).astype(np.uint8)
+        blk = out[r0:r0 + chunk_rows].reshape(-1, 18)
+        blk[:, 0:2] = d16.view(np.uint8).reshape(-1, 2)
+        blk[:, 2:18] = q[:, :16] | (q[:, 16:] << 4)
+    return out
+
+
+def requantize(w: np.ndarray, qtype: str) -> np.ndarray:
+    """float32 [rows, cols] -> GGML blocks of qtype, with the best quantizer we have for it."""
+    return quantize_q40_mse(w) if qtype == "q40" else quantize_blocks(w, qtype)
+
+
 def dequantize_blocks(blocks: np.ndarray, qtype: str) -> np.ndarray:
     """Raw GGML blocks uint8 [rows, nb*bytes] -> float32 [rows, nb*32] (gguf.quants.dequantize)."""
     return _gq.dequantize(np.asarray(blocks, dtype=np.uint8), _GGML_TYPE[qtype])

@@ -61,11 +61,14 @@ def test_perplexity_close_to_transformers(kind, n, tol, slices, hf_perplexity):
     assert abs(ours / hf_perplexity - 1) <= tol, f"{kind} N={n}: {ours:.4f} vs transformers {hf_perplexity:.4f}"
 
 
-def test_one_and_three_ranks_generate_the_same(slices, prompt_ids):
-    args = ["--prompt", "Once upon a time, in a small village", "--steps", 48, "--temperature", 0,
+def test_one_and_three_ranks_generate_the_same(slices):
+    """f32 weights and f32 sync: the split changes only the order of float sums, so a long greedy
+    run stays identical. (With quantized activations those last-bit differences can flip a Q80
+    rounding and, many tokens later, a near-tie; that is why this is checked on f32 slices.)"""
+    args = ["--prompt", "Once upon a time, in a small village", "--steps", 64, "--temperature", 0,
             "--buffer-float-type", "f32"]
-    one = dllama("infer", "--model", slices("auto", 1), *args, np=1)
-    three = dllama("infer", "--model", slices("auto", 3), *args, np=3)
+    one = dllama("infer", "--model", slices("f32", 1), *args, np=1)
+    three = dllama("infer", "--model", slices("f32", 3), *args, np=3)
     assert len(one.stdout) > 100
     assert one.stdout == three.stdout
 
