@@ -146,3 +146,24 @@ def test_old_slice_format_version(slices, tmp_path):
     assert proc.returncode != 0
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "re-slice with this version" in lines[0], proc.stderr
+
+
+def test_truncated_rank_file(slices, tmp_path):
+    import shutil
+    d = tmp_path / "cut"
+    shutil.copytree(slices("auto", 2), d)
+    path = d / "rank-1-of-2.h5"
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    proc = dllama("infer", "--model", d, "--prompt", "Hi", "--steps", 2, np=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "rank-1-of-2.h5" in lines[0], proc.stderr
+
+
+def test_threads_do_not_change_the_result(slices):
+    args = ["--model", slices("auto", 1), "--prompt", "The river flows", "--steps", 12, "--temperature", 0]
+    one = dllama("infer", *args, "--nthreads", 1)
+    two = dllama("infer", *args, "--nthreads", 2)
+    assert one.stdout == two.stdout and one.stdout.strip()
