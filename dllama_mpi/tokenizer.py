@@ -45,7 +45,10 @@ class Tokenizer:
 
         self.spec = spec
         self._tok = _HFTokenizer.from_str(spec.tokenizer_json)
-        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        # one past the largest id (a vocabulary can have unused ids, e.g. duplicate byte strings in
+        # a distributed-llama .t, so the count of tokens can be smaller)
+        self.vocab_size: int = max(self._tok.get_vocab_size(with_added_tokens=True),
+                                   1 + max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1))
         self.bos_id: int | None = spec.bos_id
         self.eos_ids: frozenset[int] = frozenset(spec.eos_ids)
         decoder = json.loads(spec.tokenizer_json).get("decoder") or {}

@@ -2,6 +2,7 @@
 llama.cpp-made fixtures and small GGUFs written here with gguf.GGUFWriter."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -14,7 +15,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 
 from dllama_mpi.config import ModelConfig, llama3_freq_divisors
-from dllama_mpi.readers import ModelError, ModelSource, TensorRef, TokenizerSpec, open_model
+from dllama_mpi.readers import ModelError, ModelSource, TensorRef, TokenizerSpec, canonical_names, open_model
 from dllama_mpi.readers.gguf import open_gguf
 
 
@@ -157,9 +158,150 @@ def test_llama_tied_fixture(tied):
     assert tied.tensor("layers.1.w2").shape == (64, 128)
 
 
-def test_unsupported_architecture(fixtures_dir):
-    with pytest.raises(ModelError, match="unsupported architecture 'qwen2'"):
-        open_model(fixtures_dir / "qwen2" / "qwen2-q4_0.gguf")
+def test_unsupported_architecture(tmp_path):
+    p = tmp_path / "falcon.gguf"
+    write_gguf(p, arch="falcon")
+    with pytest.raises(ModelError, match=r"falcon\.gguf: unsupported architecture 'falcon'"):
+        open_model(p)
+
+
+# ---- qwen2 / qwen3 / qwen3moe fixtures (llama.cpp's converter) ---------------------------------------
+@functools.lru_cache(maxsize=4)
+def _reader_tensors(path) -> dict:
+    return {t.name: t for t in GGUFReader(path).tensors}
+
+
+def _stored(src, gguf_name):
+    return _reader_tensors(src.path)[gguf_name]
+
+
+def test_qwen2_fixture_biases(fixtures_dir):
+    src = open_model(fixtures_dir / "qwen2" / "qwen2-q4_0.gguf")
+    c = src.config
+    assert (c.arch, c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == \
+        ("qwen2", 64, 128, 2, 4, 2, 16)
+    assert (c.attn_bias, c.qk_norm, c.n_experts, c.tied_embeddings, c.rope_interleaved) == \
+        (True, False, 0, True, False)
+    assert c.rope_theta == 1e6 and c.norm_eps == float(np.float32(1e-6))
+    assert sorted(src.names()) == sorted(canonical_names(c))
+    for l in range(2):
+        for short, gname, n in (("bq", "attn_q", 64), ("bk", "attn_k", 32), ("bv", "attn_v", 32)):
+            t = src.tensor(f"layers.{l}.{short}")
+            assert (t.shape, t.ggml_type) == ((n,), int(T.F32)) == (src.expected_shape(t.name), int(T.F32))
+            np.testing.assert_array_equal(t.float32(), _stored(src, f"blk.{l}.{gname}.bias").data)
+    t = src.tensor("layers.1.wq")
+    assert t.ggml_type == int(T.Q4_0)
+    np.testing.assert_array_equal(t.float32(), dequantize(_stored(src, "blk.1.attn_q.weight").data, T.Q4_0))
+
+
+def test_qwen3_fixture_head_dim_and_norms(fixtures_dir):
+    src = open_model(fixtures_dir / "qwen3" / "qwen3-f16.gguf")
+    c = src.config
+    assert (c.arch, c.head_dim, c.q_dim, c.kv_dim, c.qk_norm, c.attn_bias, c.rope_interleaved) == \
+        ("qwen3", 32, 128, 64, True, False, False)
+    assert c.tied_embeddings and c.rope_theta == 1e6
+    assert sorted(src.names()) == sorted(canonical_names(c))
+    for l in range(2):
+        for short, gname in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
+            t = src.tensor(f"layers.{l}.{short}")
+            assert t.shape == (32,)
+            np.testing.assert_array_equal(t.float32(), _stored(src, f"blk.{l}.{gname}.weight").data)
+    for name, gname in (("layers.0.wq", "blk.0.attn_q.weight"), ("layers.1.wo", "blk.1.attn_output.weight")):
+        t = src.tensor(name)
+        assert t.ggml_type == int(T.F16) and t.shape == src.expected_shape(name)
+        np.testing.assert_array_equal(t.float32(), dequantize(_stored(src, gname).data, T.F16))
+    assert src.tensor("layers.0.wq").shape == (128, 64) and src.tensor("layers.0.wo").shape == (64, 128)
+
+
+def test_qwen3moe_fixture_experts(fixtures_dir):
+    src = open_model(fixtures_dir / "qwen3moe" / "qwen3moe-f16.gguf")
+    c = src.config
+    assert (c.arch, c.n_experts, c.n_active_experts, c.moe_hidden_dim, c.hidden_dim, c.norm_topk_prob) == \
+        ("qwen3moe", 4, 2, 64, 128, True)
+    assert c.qk_norm and not c.rope_interleaved and c.head_dim == 32 and c.ffn_dim == 64
+    names = src.names()
+    assert sorted(names) == sorted(canonical_names(c))
+    assert not any(n.endswith(("w1", "w2", "w3")) and ".experts." not in n for n in names)
+    assert len([n for n in names if ".experts." in n]) == 2 * 4 * 3
+    for l in range(2):
+        router = src.tensor(f"layers.{l}.router")
+        assert (router.shape, router.ggml_type) == ((4, 64), int(T.F32))
+        np.testing.assert_array_equal(router.float32(), _stored(src, f"blk.{l}.ffn_gate_inp.weight").data)
+        for short, gname in (("w1", "ffn_gate_exps"), ("w2", "ffn_down_exps"), ("w3", "ffn_up_exps")):
+            stored = _stored(src, f"blk.{l}.{gname}.weight")
+            full = dequantize(stored.data, T(stored.tensor_type))  # [4, rows, cols]
+            for e in range(4):
+                t = src.tensor(f"layers.{l}.experts.{e}.{short}")
+                assert t.shape == src.expected_shape(t.name) == full.shape[1:]
+                assert t.ggml_type == int(T.F16) and not t.raw.flags.owndata and t.raw.flags.c_contiguous
+                np.testing.assert_array_equal(t.raw, stored.data[e].view(np.uint8).reshape(t.raw.shape))
+                np.testing.assert_array_equal(t.float32(), full[e])
+                np.testing.assert_array_equal(t.float32(slice(5, 9)), full[e][5:9])
+    with pytest.raises(ModelError):
+        src.tensor("layers.0.experts.4.w1")
+    with pytest.raises(ModelError):
+        src.tensor("layers.0.ffn_gate_exps.weight")
+
+
+def test_qwen3moe_missing_expert_tensor(fixtures_dir, tmp_path):
+    """A qwen3moe GGUF rewritten without one layer's up experts."""
+    reader = GGUFReader(fixtures_dir / "qwen3moe" / "qwen3moe-f16.gguf")
+    p = tmp_path / "noup.gguf"
+    w = gguf.GGUFWriter(str(p), "qwen3moe")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:
+        if t.name != "blk.1.ffn_up_exps.weight":
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelError, match=r"noup\.gguf: missing tensors blk\.1\.ffn_up_exps\.weight;"):
+        open_model(p)
+
+
+# ---- K-quants and other dequantizable types ------------------------------------------------------------
+def test_k_quants_are_supported_types():
+    from dllama_mpi.readers import SUPPORTED_GGML_TYPES
+    for t in (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
+        assert int(t) in SUPPORTED_GGML_TYPES, t.name
+    assert int(T.F64) not in SUPPORTED_GGML_TYPES and int(T.I32) not in SUPPORTED_GGML_TYPES
+
+
+def test_k_quant_tensors_read(tmp_path):
+    p = tmp_path / "kq.gguf"
+    types = {"blk.0.ffn_down.weight": T.Q6_K, "blk.0.ffn_up.weight": T.Q4_K, "blk.0.ffn_gate.weight": T.Q5_K,
+             "blk.0.attn_q.weight": T.Q5_0, "token_embd.weight": T.Q3_K}
+    write_gguf(p, dim=256, hid=512, types=types)
+    src = open_gguf(p)
+    assert (src.config.dim, src.config.hidden_dim) == (256, 512)
+    reader = GGUFReader(p)
+    for gname, qtype in types.items():
+        canon = {"blk.0.ffn_down.weight": "layers.0.w2", "blk.0.ffn_up.weight": "layers.0.w3",
+                 "blk.0.ffn_gate.weight": "layers.0.w1", "blk.0.attn_q.weight": "layers.0.wq",
+                 "token_embd.weight": "tok_embd"}[gname]
+        t = src.tensor(canon)
+        stored = next(x for x in reader.tensors if x.name == gname)
+        assert t.ggml_type == int(qtype) and t.shape == src.expected_shape(canon)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        assert t.raw.shape == (t.shape[0], t.shape[1] // block * size)
+        ref = dequantize(stored.data, qtype)
+        got = t.float32()
+        assert got.shape == t.shape and got.dtype == np.float32 and np.all(np.isfinite(got))
+        np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(t.float32(slice(2, 5)), ref[2:5])
+    # one Q6_K value by the block formula (formats.md §1.2): element 0 of row 0
+    t = src.tensor("layers.0.w2")
+    blk = t.raw[0, :210]
+    d = np.frombuffer(bytes(blk[208:210]), dtype="<f2").astype(np.float32)[0]
+    q = (int(blk[0]) & 15) | ((int(blk[128]) & 3) << 4)
+    scale = np.frombuffer(bytes(blk[192:193]), dtype=np.int8)[0]
+    assert t.float32(slice(0, 1))[0, 0] == pytest.approx(d * scale * (q - 32), rel=1e-6)
 
 
 # ---- bad input ------------------------------------------------------------------------------------
@@ -208,14 +350,29 @@ def test_not_a_gguf(tmp_path):
 DIM, HID, NH, NKV, VOCAB = 32, 64, 2, 1, 8
 
 
-def write_gguf(path, *, arch="llama", shapes=None, types=None, tokenizer=True, extra=None, drop=()):
+def random_blocks(shape, qtype, rng) -> np.ndarray:
+    """Random bytes of a quantized tensor (the gguf package has no K-quant quantizer), with every
+    f16 scale field set to a sane value so dequantized numbers are finite."""
+    q = rng.integers(0, 256, gguf.quant_shape_to_byte_shape(shape, qtype), dtype=np.uint8)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = q.reshape(-1, size)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    fields = {T.Q6_K: [size - 2], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q2_K: [size - 4, size - 2],
+              T.Q3_K: [size - 2], T.Q5_0: [0], T.Q5_1: [0, 2]}.get(qtype, [])
+    for off in fields:
+        blocks[:, off:off + 2] = scale
+    return q
+
+
+def write_gguf(path, *, arch="llama", shapes=None, types=None, tokenizer=True, extra=None, drop=(),
+               dim=DIM, hid=HID):
     """A tiny 1-layer llama GGUF (random F32 weights unless `types` says otherwise)."""
-    hd = DIM // NH
+    hd = dim // NH
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_context_length(64)
-    w.add_embedding_length(DIM)
-    w.add_feed_forward_length(HID)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(hid)
     w.add_head_count(NH)
     w.add_head_count_kv(NKV)
     w.add_layer_norm_rms_eps(1e-6)
@@ -231,12 +388,12 @@ def write_gguf(path, *, arch="llama", shapes=None, types=None, tokenizer=True, e
     for key, fn in (extra or {}).items():
         fn(w)
     default = {
-        "token_embd.weight": (VOCAB, DIM), "output_norm.weight": (DIM,),
-        "blk.0.attn_norm.weight": (DIM,), "blk.0.ffn_norm.weight": (DIM,),
-        "blk.0.attn_q.weight": (NH * hd, DIM), "blk.0.attn_k.weight": (NKV * hd, DIM),
-        "blk.0.attn_v.weight": (NKV * hd, DIM), "blk.0.attn_output.weight": (DIM, NH * hd),
-        "blk.0.ffn_gate.weight": (HID, DIM), "blk.0.ffn_up.weight": (HID, DIM),
-        "blk.0.ffn_down.weight": (DIM, HID),
+        "token_embd.weight": (VOCAB, dim), "output_norm.weight": (dim,),
+        "blk.0.attn_norm.weight": (dim,), "blk.0.ffn_norm.weight": (dim,),
+        "blk.0.attn_q.weight": (NH * hd, dim), "blk.0.attn_k.weight": (NKV * hd, dim),
+        "blk.0.attn_v.weight": (NKV * hd, dim), "blk.0.attn_output.weight": (dim, NH * hd),
+        "blk.0.ffn_gate.weight": (hid, dim), "blk.0.ffn_up.weight": (hid, dim),
+        "blk.0.ffn_down.weight": (dim, hid),
     }
     default.update(shapes or {})
     rng = np.random.default_rng(0)
@@ -250,7 +407,7 @@ def write_gguf(path, *, arch="llama", shapes=None, types=None, tokenizer=True, e
             w.add_tensor(name, x)
         else:
             q = quantize(x, qtype) if qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.BF16) else \
-                np.zeros(gguf.quant_shape_to_byte_shape(shape, qtype), dtype=np.uint8)
+                random_blocks(shape, qtype, rng)
             w.add_tensor(name, q, raw_dtype=qtype)
         arrays[name] = x
     w.write_header_to_file()
@@ -304,16 +461,17 @@ def test_wrong_shape(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    p = tmp_path / "q6k.gguf"
-    write_gguf(p, shapes={"blk.0.ffn_down.weight": (DIM, 256)}, types={"blk.0.ffn_down.weight": T.Q6_K})
-    with pytest.raises(ModelError, match=r"blk\.0\.ffn_down\.weight.*Q6_K"):
+    p = tmp_path / "i32.gguf"
+    write_gguf(p, types={"blk.0.ffn_down.weight": T.I32})
+    with pytest.raises(ModelError, match=r"i32\.gguf: tensor blk\.0\.ffn_down\.weight has type I32, which is not "
+                                         "supported"):
         open_gguf(p)
 
 
 def test_missing_tensor(tmp_path):
     p = tmp_path / "missing.gguf"
     write_gguf(p, drop=("blk.0.attn_v.weight",))
-    with pytest.raises(ModelError, match=r"missing tensors layers\.0\.wv"):
+    with pytest.raises(ModelError, match=r"missing tensors blk\.0\.attn_v\.weight"):
         open_gguf(p)
 
 

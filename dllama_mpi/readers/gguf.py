@@ -1,13 +1,18 @@
 """GGUF reader (llama.cpp's model format), built on the `gguf` package's `GGUFReader`.
 
-Supported: `general.architecture == "llama"` (Llama 2/3, SmolLM, Mistral-style dense models),
-tensor types F32, F16, BF16, Q4_0, Q4_1, Q8_0. Tokenizers: "gpt2" (byte-level BPE) with the
+Supported: `general.architecture` "llama" (Llama 2/3, SmolLM, Mistral-style dense models), "qwen2"
+(q/k/v biases), "qwen3" (per-head q/k RMSNorm, head_dim from key_length) and "qwen3moe" (router
+`ffn_gate_inp` + 3-D expert tensors `ffn_{gate,up,down}_exps`, exposed per expert as zero-copy 2-D
+views `layers.L.experts.E.w1/w2/w3`). Tensor types: every type `gguf.quants.dequantize` handles
+(F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, K-quants, ...), exposed with their real ggml type.
+Tokenizers: "gpt2" (byte-level BPE) with the
 pre-tokenizers in SUPPORTED_PRE, and "llama" (SentencePiece BPE with byte fallback, rebuilt the way
 transformers' GGUF loader does: merges recovered from the scores, Metaspace pre-tokenizer).
 
 Notes on what the file means (formats.md §4):
 * Q/K rows of llama-arch GGUFs are permuted by llama.cpp's converter; we use them as stored and
-  set `rope_interleaved=True` (rotate pairs 2j, 2j+1).
+  set `rope_interleaved=True` (rotate pairs 2j, 2j+1). qwen2/qwen3/qwen3moe are not permuted:
+  `rope_interleaved=False` (half-split NeoX pairs).
 * Llama 3.1 rope scaling is a `rope_freqs.weight` tensor of per-frequency divisors; it becomes
   `config.rope_freq_divisors` and is not listed among the tensors.
 * `{arch}.rope.scaling.type == "linear"` (positions divided by a factor) is the same as dividing
@@ -21,17 +26,36 @@ import re
 import numpy as np
 
 from ..config import ModelConfig
-from . import (CANONICAL_LAYER_TENSORS, SUPPORTED_GGML_TYPES, ModelError, ModelSource, TensorRef,
-               TokenizerSpec, ggml_type_name)
+from . import ModelError, ModelSource, TensorRef, TokenizerSpec, check_tensors, check_vocab
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
 
 _GLOBAL_NAMES = {"token_embd.weight": "tok_embd", "output.weight": "output", "output_norm.weight": "out_norm"}
 _LAYER_NAMES = {
-    "attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
-    "ffn_norm": "ffn_norm", "ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3",
+    "attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk", "attn_v.weight": "wv",
+    "attn_output.weight": "wo", "ffn_norm.weight": "ffn_norm", "ffn_gate.weight": "w1",
+    "ffn_down.weight": "w2", "ffn_up.weight": "w3",
+    "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
+    "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm", "ffn_gate_inp.weight": "router",
 }
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+# 3-D [n_expert, rows, cols] tensors, exposed per expert as layers.L.experts.E.<short>
+_EXPERT_NAMES = {"ffn_gate_exps.weight": "w1", "ffn_down_exps.weight": "w2", "ffn_up_exps.weight": "w3"}
+
+
+def _gguf_name(canon: str) -> str:
+    """The GGUF tensor name of a canonical one (for messages)."""
+    for table in (_GLOBAL_NAMES, _LAYER_NAMES):
+        for gname, c in table.items():
+            if c == canon:
+                return gname
+    m = re.fullmatch(r"layers\.(\d+)\.(?:experts\.\d+\.)?(\w+)", canon)
+    if m:
+        names = _EXPERT_NAMES if ".experts." in canon else _LAYER_NAMES
+        for gname, c in names.items():
+            if c == m.group(2):
+                return f"blk.{m.group(1)}.{gname}"
+    return canon
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+\.(?:weight|bias))$")
 
 # GGUF TokenType values
 _TT_CONTROL, _TT_USER_DEFINED = 3, 4
@@ -100,6 +124,7 @@ class GGUFSource(ModelSource):
 
         # Tensors: map GGUF names to canonical names, check types and extents.
         self._tensors = {}
+        self._experts = {}   # canonical "layers.L.experts.E.wK" -> (3-D ReaderTensor, E)
         rope_freqs = None
         for t in reader.tensors:
             end = int(t.data_offset) + int(t.n_bytes)
@@ -111,8 +136,14 @@ class GGUFSource(ModelSource):
                 continue
             canon = _GLOBAL_NAMES.get(t.name)
             if canon is None and (m := _LAYER_RE.match(t.name)):
-                short = _LAYER_NAMES.get(m.group(2))
-                canon = f"layers.{int(m.group(1))}.{short}" if short else None
+                layer, suffix = int(m.group(1)), m.group(2)
+                if suffix in _EXPERT_NAMES and arch == "qwen3moe":
+                    for e in range(int(t.shape[-1]) if len(t.shape) == 3 else 0):
+                        self._experts[f"layers.{layer}.experts.{e}.{_EXPERT_NAMES[suffix]}"] = (t, e)
+                    self._tensors[f"layers.{layer}.{suffix}"] = t  # checked as a whole, not listed
+                    continue
+                short = _LAYER_NAMES.get(suffix)
+                canon = f"layers.{layer}.{short}" if short else None
             if canon is None:
                 continue  # a tensor this architecture does not use
             self._tensors[canon] = t
@@ -120,6 +151,7 @@ class GGUFSource(ModelSource):
         self.config = self._build_config(arch, rope_freqs)
         self._check_tensors()
         self.tokenizer = build_tokenizer_spec(self._meta, path)
+        check_vocab(path, self.tokenizer, self.config)
 
     # ---- metadata helpers -------------------------------------------------------------------
     def _field(self, key):
@@ -146,6 +178,29 @@ class GGUFSource(ModelSource):
             if v is None:
                 raise _fail(path, f"missing metadata key {arch}.{key}; the file is incomplete, re-convert it")
             return v
+
+        n_experts = self._int(f"{arch}.expert_count", 0) if arch == "qwen3moe" else 0
+        moe_hidden = n_active = 0
+        norm_topk = True
+        if arch == "qwen3moe":
+            if n_experts <= 0:
+                raise _fail(path, f"missing or zero {arch}.expert_count; the file is incomplete, re-convert it")
+            n_active = req("expert_used_count")
+            moe_hidden = self._int(f"{arch}.expert_feed_forward_length")
+            if moe_hidden is None:
+                exps = self._tensors.get("layers.0.ffn_gate_exps.weight")
+                if exps is None:
+                    raise _fail(path, f"missing metadata key {arch}.expert_feed_forward_length")
+                moe_hidden = int(exps.shape[1])
+            if not 0 < n_active <= n_experts:
+                raise _fail(path, f"expert_used_count {n_active} is not in 1..expert_count {n_experts}")
+            if self._int(f"{arch}.expert_shared_count", 0):
+                raise _fail(path, "shared experts are not supported")
+            gating = self._int(f"{arch}.expert_gating_func")
+            if gating not in (None, 1):  # 1 = softmax (LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX)
+                raise _fail(path, f"expert_gating_func {gating} is not supported (only softmax)")
+            # llama.cpp's qwen3moe graph always renormalizes the top-k weights; the key is optional
+            norm_topk = bool(self._int(f"{arch}.expert_weights_norm", 1))
 
         dim = req("embedding_length")
         n_heads = req("attention.head_count")
@@ -191,44 +246,51 @@ class GGUFSource(ModelSource):
                 raise _fail(path, f"rope scaling type {scaling!r} is not supported (only linear and "
                                   "llama3-style rope_freqs)")
 
+        attn_bias = arch == "qwen2" or any(k.endswith((".bq", ".bk", ".bv")) for k in self._tensors)
+        if n_experts:
+            hidden = self._int(f"{arch}.feed_forward_length", moe_hidden)
+        else:
+            hidden = req("feed_forward_length")
         return ModelConfig(
-            arch=arch, dim=dim, hidden_dim=req("feed_forward_length"), n_layers=req("block_count"),
+            arch=arch, dim=dim, hidden_dim=hidden, n_layers=req("block_count"),
             n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=vocab,
             context_length=req("context_length"), norm_eps=eps,
             rope_theta=self._float(f"{arch}.rope.freq_base", 10000.0),
-            rope_interleaved=True, rope_freq_divisors=divisors,
+            rope_interleaved=arch == "llama", rope_freq_divisors=divisors,
             tied_embeddings="output" not in self._tensors,
+            attn_bias=attn_bias, qk_norm=arch in ("qwen3", "qwen3moe"),
+            n_experts=n_experts, n_active_experts=n_active, moe_hidden_dim=moe_hidden,
+            norm_topk_prob=norm_topk,
         )
 
     def _check_tensors(self):
         c = self.config
-        required = ["tok_embd", "out_norm"] + [f"layers.{l}.{n}" for l in range(c.n_layers)
-                                               for n in CANONICAL_LAYER_TENSORS]
-        missing = [n for n in required if n not in self._tensors]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise _fail(self.path, f"missing tensors {shown}; the file is incomplete or not a "
-                                   f"{c.arch} model")
+        found = {}
         for canon, t in self._tensors.items():
             if canon.startswith("layers.") and int(canon.split(".")[1]) >= c.n_layers:
                 raise _fail(self.path, f"tensor {t.name} is beyond block_count {c.n_layers}")
-            if int(t.tensor_type) not in SUPPORTED_GGML_TYPES:
-                raise _fail(self.path, f"tensor {t.name} has type {t.tensor_type.name}, which is not "
-                                       "supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0); re-quantize the model, "
-                                       "e.g. llama-quantize --pure ... Q4_0")
             shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-            want = self.expected_shape(canon)
-            if shape != want:
-                raise _fail(self.path, f"tensor {t.name} has shape {list(shape)}, expected {list(want)} "
-                                       "from the metadata; the file is inconsistent")
+            short = canon.split(".", 2)[-1]
+            if short in _EXPERT_NAMES:  # 3-D expert stack: [n_expert, rows, cols]
+                want = (c.n_experts,) + self.expected_shape(f"layers.0.experts.0.{_EXPERT_NAMES[short]}")
+                if shape != want:
+                    raise _fail(self.path, f"tensor {t.name} has shape {list(shape)}, expected {list(want)} "
+                                           "from the metadata; the file is inconsistent")
+                found[f"{canon}:stack"] = (t.name, int(t.tensor_type), shape)  # type check only
+                continue
+            found[canon] = (t.name, int(t.tensor_type), shape)
+        for canon, (t, e) in self._experts.items():
+            found[canon] = (t.name, int(t.tensor_type), tuple(int(x) for x in reversed(t.shape.tolist()))[1:])
+        check_tensors(self.path, c, found, file_name=_gguf_name)
 
     # ---- interface ------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        return list(self._tensors)
+        return [n for n in self._tensors if n.split(".", 2)[-1] not in _EXPERT_NAMES] + list(self._experts)
 
     def tensor(self, name: str) -> TensorRef:
-        t = self._tensors.get(name)
-        if t is None:
+        expert = self._experts.get(name)
+        t = expert[0] if expert else self._tensors.get(name)
+        if t is None or name.split(".", 2)[-1] in _EXPERT_NAMES:
             raise _fail(self.path, f"no tensor {name!r} in this model"
                         + (" (embeddings are tied: use tok_embd)" if name == "output" else ""))
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
@@ -239,6 +301,8 @@ class GGUFSource(ModelSource):
             raw = raw.view(np.uint8)
         if len(shape) > 1:
             raw = raw.reshape(shape[:-1] + (nbytes // int(np.prod(shape[:-1])),))
+        if expert:
+            raw, shape = raw[expert[1]], shape[1:]  # expert e's rows: a contiguous zero-copy view
         return TensorRef(name=name, ggml_type=int(t.tensor_type), shape=shape, raw=raw)
 
     def metadata(self, key: str):
