@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import sys
 import traceback
 
@@ -35,43 +36,186 @@ def main():
 
 # -- slice ----------------------------------------------------------------------------------
 
+def mpi_launched() -> bool:
+    """True when an MPI launcher (mpirun/mpiexec, srun with PMI) started this process: read from
+    the environment only, so a plain `dllama-mpi slice` never initializes MPI."""
+    env = os.environ
+    if any(k in env for k in ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE")):
+        return True
+    # an srun step of several tasks: with --mpi=pmi2 PMI_* is set; without it, see _slice_mpi
+    return "SLURM_STEP_ID" in env and _int_env("SLURM_STEP_NUM_TASKS") > 1
+
+
+def _int_env(name: str, default: int = 1) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _parse_ranks(text: str, nodes: int) -> list[int]:
+    try:
+        ranks = sorted({int(t) for t in text.replace(" ", "").split(",") if t})
+    except ValueError:
+        fail(f"--ranks must be comma-separated integers, got {text!r}")
+    if not ranks:
+        fail("--ranks is empty")
+    bad = [r for r in ranks if not 0 <= r < nodes]
+    if bad:
+        fail(f"--ranks: {bad[0]} is not a rank of a {nodes}-rank set (0..{nodes - 1})")
+    return ranks
+
+
+_stop_signals: list[int] = []
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C / SIGTERM only set a flag; the slicer checks it between tensors (in `progress`).
+    Raising straight from a signal handler can land inside a library's cleanup callback, where
+    Python prints the exception and carries on."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: _stop_signals.append(signum))
+
+
+def _progress_bar(quiet: bool):
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=1, unit="tensor", file=sys.stderr, desc="slicing")
+
+    def progress(i, total, name):
+        if _stop_signals:  # unwinds through write_slices, which removes its temporary files
+            raise KeyboardInterrupt
+        if bar:
+            bar.total = total
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(i - bar.n)
+    return bar, progress
+
+
+def _write(model, nodes, out, weights_float_type, head_float_type, ranks, quiet):
+    """Slice `ranks` of `model` into out; returns (paths, None) or (None, error line)."""
+    from .readers import ModelError
+    from .slicefile import SliceError, write_slices
+    bar, progress = _progress_bar(quiet)
+    try:
+        paths = write_slices(model, nodes, out, weights_float_type, ranks=ranks, progress=progress,
+                             head_type=head_float_type)
+    except (ModelError, SliceError, ValueError) as e:
+        return None, str(e)
+    except OSError as e:
+        return None, f"cannot write slices to {out}: {e.strerror or e}"
+    finally:
+        if bar:
+            bar.close()
+    return paths, None
+
+
 @cli.command("slice")
-@click.argument("source", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.argument("source", type=click.Path(path_type=pathlib.Path))
 @click.option("--nodes", "-n", type=click.IntRange(1, 4096), required=True, help="Number of ranks of the job that will run it.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=pathlib.Path), required=True, help="Folder for rank-R-of-N.h5.")
 @click.option("--weights-float-type", type=click.Choice(WEIGHT_TYPES), default="auto", show_default=True,
               help="auto keeps each matrix's blocks when a kernel reads them, else requantizes to q40.")
 @click.option("--head-float-type", type=click.Choice(WEIGHT_TYPES), default="auto", show_default=True,
               help="LM head: auto follows --weights-float-type but keeps 8 bits (q80) when that is 4-bit.")
+@click.option("--ranks", "ranks_text", metavar="R1,R2",
+              help="Write only these ranks' files [default: all; under mpirun each rank writes its own].")
+@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="The .t tokenizer file that goes with a distributed-llama .m model.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def slice_cmd(source, nodes, out, weights_float_type, head_float_type, quiet):
-    """Pre-split a model file (GGUF) into one HDF5 slice file per rank."""
+def slice_cmd(source, nodes, out, weights_float_type, head_float_type, ranks_text, tokenizer, quiet):
+    """Pre-split a model into one HDF5 slice file per rank. SOURCE is a GGUF file, a Hugging
+    Face folder (config.json + safetensors + tokenizer.json), or a distributed-llama .m file
+    (with --tokenizer FILE.t).
+
+    Under `mpirun -np N` (or `srun --mpi=pmi2`) every rank writes its own rank-R-of-N.h5 on its
+    own host, in parallel: the world size must equal --nodes, unless --ranks says which files
+    the job writes (then they are dealt out over the ranks)."""
+    ranks = _parse_ranks(ranks_text, nodes) if ranks_text is not None else None
+    _stop_on_signals()  # SIGTERM (kill, a cancelled batch job) unwinds like Ctrl-C
+    if mpi_launched():
+        sys.exit(_slice_mpi(source, nodes, out, weights_float_type, head_float_type, ranks, tokenizer, quiet))
     from .readers import ModelError, open_model
-    from .slicefile import SliceError, write_slices
-    if not source.is_file():
+    if not source.exists():
         fail(f"{source}: no such model file")
     try:
-        model = open_model(source)
-        bar = None
-        if not quiet:
-            from tqdm import tqdm
-            bar = tqdm(total=1, unit="tensor", file=sys.stderr, desc="slicing")
-
-        def progress(i, total, name):
-            bar.total = total
-            bar.set_postfix_str(name, refresh=False)
-            bar.update(i - bar.n)
-
-        paths = write_slices(model, nodes, out, weights_float_type, progress=progress if bar else None,
-                             head_type=head_float_type)
-        if bar:
-            bar.close()
-    except (ModelError, SliceError, ValueError) as e:
+        model = open_model(source, tokenizer=tokenizer)
+    except (ModelError, ValueError) as e:
         fail(str(e))
-    except OSError as e:
-        fail(f"cannot write slices to {out}: {e.strerror or e}")
+    paths, err = _write(model, nodes, out, weights_float_type, head_float_type, ranks, quiet)
+    if err:
+        fail(err)
     for p in paths:
         click.echo(f"{p} ({p.stat().st_size / 1e6:.1f} MB)", err=True)
+
+
+def _slice_mpi(source, nodes, out, weights_float_type, head_float_type, ranks, tokenizer, quiet) -> int:
+    """The parallel slicer: each rank checks its source, then writes its files; every step's
+    outcome is agreed by all ranks, so any rank's problem ends the job with one `error:` line."""
+    from .collectives import Collectives, processor_name
+    from .readers import ModelError, open_model
+    comm = Collectives()
+    host, me, world = processor_name(), comm.rank, comm.size
+    steps = _int_env("SLURM_STEP_NUM_TASKS")
+    if world == 1 and steps > 1 and "SLURM_STEP_ID" in os.environ and "PMI_RANK" not in os.environ:
+        fail(f"srun started {steps} separate 1-rank jobs: launch with `srun --mpi=pmi2` (MPICH) or "
+             f"`mpirun -np {steps}` inside the allocation")
+
+    def agree(err, result=None):
+        """Every rank's (error, result); on any error the root prints one line and all exit 2."""
+        views = comm.allgather_object((err, result))
+        errors = list(dict.fromkeys(e for e, _ in views if e))
+        if errors:
+            if me == 0:
+                click.echo("error: " + "; ".join(errors), err=True)
+            return None
+        return [r for _, r in views]
+
+    if ranks is None:
+        if world != nodes:
+            err = (f"this job has {world} rank(s) but --nodes is {nodes}: run it with mpirun -np {nodes}, "
+                   f"or pass --ranks to choose which slice files this job writes")
+            agree(err)
+            return 2
+        mine = [me]
+    else:
+        mine = ranks[me::world]  # dealt out: rank i writes ranks[i], ranks[i + world], ...
+    # 1. every host opens its own copy of the source; all copies must be the same file
+    model, err, digest = None, None, None
+    if mine:
+        try:
+            if not source.exists():
+                raise ModelError(f"{source}: no such model file")
+            model = open_model(source, tokenizer=tokenizer)
+            digest = model.digest()
+        except (ModelError, ValueError, OSError) as e:
+            err = f"{host} (rank {me}): {e}"
+    views = agree(err, digest)
+    if views is None:
+        return 2
+    digests = {d for d in views if d}
+    if len(digests) > 1:
+        ref = next(d for d in views if d)
+        bad = [r for r, d in enumerate(views) if d and d != ref]
+        if me == 0:
+            click.echo(f"error: {source} on rank(s) {bad} differs from the first host's copy (sha256): "
+                       f"give every host the same model file", err=True)
+        return 2
+    # 2. write this rank's files
+    paths, err = ([], None) if not mine else \
+        _write(model, nodes, out, weights_float_type, head_float_type, mine, quiet or me != 0)
+    if err:
+        err = f"{host} (rank {me}): {err}"
+    written = [(str(p), p.stat().st_size) for p in paths or []]
+    views = agree(err, (host, written))
+    if views is None:
+        return 2
+    if me == 0:
+        for h, files in views:
+            for p, size in files:
+                click.echo(f"{h}: {p} ({size / 1e6:.1f} MB)", err=True)
+    return 0
 
 
 # -- running jobs ---------------------------------------------------------------------------
@@ -85,6 +229,10 @@ def runtime_options(f):
                      help="OpenMP threads per rank.")(f)
     f = click.option("--max-seq-len", type=click.IntRange(2, None), default=None,
                      help="KV cache length [default: the model's context, at most 4096].")(f)
+    f = click.option("--kv-cache-storage", type=click.Choice(["memory", "disk"]), default="memory", show_default=True,
+                     help="disk: one memory-mapped file per rank in --kv-cache-dir, removed at exit.")(f)
+    f = click.option("--kv-cache-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), default=None,
+                     help="Folder for --kv-cache-storage disk, on each host [default: $TMPDIR or /tmp].")(f)
     return f
 
 
@@ -97,7 +245,8 @@ def run_job(opts: dict, root_fn):
     from .generate import UsageError
     comm = Collectives()
     try:
-        engine = Engine(opts["model"], comm, opts["max_seq_len"], opts["buffer_float_type"])
+        engine = Engine(opts["model"], comm, opts["max_seq_len"], opts["buffer_float_type"],
+                        kv_storage=opts.get("kv_cache_storage", "memory"), kv_dir=opts.get("kv_cache_dir"))
     except StartupError as e:
         if comm.rank == 0:
             click.echo(f"error: {e}", err=True)
@@ -241,6 +390,64 @@ def perplexity(path, **opts):
 
     code, _ = run_job(opts, root)
     sys.exit(code)
+
+
+# -- plan -----------------------------------------------------------------------------------
+
+@cli.command("plan")
+@click.argument("model", required=False, type=click.Path(path_type=pathlib.Path))
+@click.option("--shape", help="A named model shape instead of a file: "
+              "smollm2-135m, llama3.1-8b, llama3.1-70b, llama3.1-405b, ... (see config.SHAPES).")
+@click.option("--nodes", "-n", type=click.IntRange(1, 4096), required=True, help="Ranks (one per node).")
+@click.option("--weights-float-type", type=click.Choice(WEIGHT_TYPES), default="auto", show_default=True,
+              help="As for `slice` (a --shape takes auto as q40). Ignored for a slice-set folder.")
+@click.option("--head-float-type", type=click.Choice(WEIGHT_TYPES), default="auto", show_default=True)
+@click.option("--ram-per-node", metavar="SIZE", help="RAM of each node, e.g. 8GB, 16GB (binary: 8GB = 8 GiB).")
+@click.option("--max-seq-len", type=click.IntRange(2, None), default=None,
+              help="KV cache length [default: the model's context, at most 4096].")
+@click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default="q80", show_default=True,
+              help="Wire format of the per-layer sync.")
+@click.option("--link", default="1gbit", show_default=True, help="Network link rate per node (100mbit, 1gbit, 10gbit).")
+@click.option("--latency-us", type=click.FloatRange(0, None), default=None,
+              help="Latency per MPI message [default: 50 µs at 1gbit, 20 µs at 10gbit].")
+@click.option("--bandwidth", type=click.FloatRange(0, None, min_open=True), default=None, metavar="GB/s",
+              help="Memory bandwidth a rank streams weights at [default: measured here with numpy].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan_cmd(model, shape, nodes, weights_float_type, head_float_type, ram_per_node, max_seq_len,
+             buffer_float_type, link, latency_us, bandwidth, as_json):
+    """What each rank of an N-node job holds (weights, KV cache, buffers), whether it fits in
+    --ram-per-node, the bytes each rank syncs per token, and an ESTIMATED decode speed."""
+    from . import plan as P
+    try:
+        name, cfg, storage = P.open_target(None if model is None else str(model), shape, weights_float_type,
+                                           head_float_type)
+        ram = P.parse_size(ram_per_node) if ram_per_node else None
+        link_bits = P.parse_link(link)
+        job = P.plan_job(cfg, storage, nodes, max_seq_len, buffer_float_type, name)
+    except (P.PlanError, ValueError) as e:
+        fail(str(e))
+    if latency_us is None:
+        latency_us = P.LINK_LATENCY_US.get(link.lower().strip(), 50.0 if link_bits <= 1e9 else 20.0)
+    bw = bandwidth * 1e9 if bandwidth else P.measure_bandwidth()
+    est = P.estimate(job, bw, link_bits, latency_us)
+    click.echo(P.to_json(job, est, ram) if as_json else P.report(job, est, ram, link))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=pathlib.Path))
+@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="The .t tokenizer file that goes with a distributed-llama .m model.")
+@click.option("--max-seq-len", type=click.IntRange(1, None), default=None,
+              help="KV cache length counted in the RAM figures [default: the model's context, at most 4096].")
+def info(path, tokenizer, max_seq_len):
+    """What a model file, Hugging Face folder or slice set is: format, architecture, shapes,
+    weight types, tokenizer, chat template, and RAM per rank for N = 1, 2, 4, 8."""
+    from .info import describe
+    from .plan import PlanError
+    try:
+        click.echo(describe(path, tokenizer, max_seq_len))
+    except PlanError as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":

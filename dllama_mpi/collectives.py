@@ -120,3 +120,8 @@ class Collectives:
         self.comm.Gatherv(np.ascontiguousarray(local), None, root=0)
         self._count(local.nbytes, 0, t0)
         return None
+
+
+def processor_name() -> str:
+    """This rank's host name as MPI reports it (what error messages name)."""
+    return MPI.Get_processor_name()

@@ -66,13 +66,23 @@ def open_rank_slice(model_dir, comm: Collectives) -> SliceFile:
 
 
 class Engine:
-    def __init__(self, model_dir, comm: Collectives, max_seq_len: int | None, wire: str, n_slots: int = 1):
+    def __init__(self, model_dir, comm: Collectives, max_seq_len: int | None, wire: str, n_slots: int = 1,
+                 kv_storage: str = "memory", kv_dir=None):
         from .model import RankModel  # imports the compiled kernels: after OMP_NUM_THREADS is set
         self.comm = comm
         self.slice = open_rank_slice(model_dir, comm)
         cfg = self.config = self.slice.config
         self.max_seq_len = min(cfg.context_length, 4096) if not max_seq_len else max_seq_len
-        self.model = RankModel(self.slice, comm, self.max_seq_len, wire, n_slots)
+        err = None
+        try:  # the KV cache may not fit (RAM, or --kv-cache-dir on this host): agreed by all ranks
+            self.model = RankModel(self.slice, comm, self.max_seq_len, wire, n_slots, kv_storage, kv_dir)
+        except (OSError, MemoryError) as e:
+            err = f"{MPI.Get_processor_name()}: KV cache ({kv_storage}): {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+            if isinstance(e, OSError) and e.filename:
+                err += f": {e.filename}"
+        errors = list(dict.fromkeys(e for e in comm.allgather_object(err) if e))
+        if errors:
+            raise StartupError("; ".join(errors))
         self.n_slots = n_slots
         self.header = np.zeros(4, np.int32)
         self.stats = {p: {"tokens": 0, "seconds": 0.0} for p in PHASES}
@@ -81,9 +91,7 @@ class Engine:
     def is_root(self) -> bool:
         return self.comm.rank == 0
 
-    def _run(self, entries: np.ndarray, phase: int):
-        name = PHASES[phase]
-        self.comm.set_phase(name)
+    def _run(self, entries: np.ndarray, name: str):
         t0 = time.perf_counter()
         tokens, slots, pos, want = entries
         out = self.model.forward(tokens, slots, pos, want)
@@ -105,11 +113,11 @@ class Engine:
             raise ValueError(f"sequence slot outside 0..{self.n_slots - 1}")
         if entries[0].max() >= self.config.vocab_size or entries[0].min() < 0:
             raise ValueError("token id outside the vocabulary")
-        phase_id = PHASES.index(phase)
-        self.header[:] = (FORWARD, entries.shape[1], phase_id, 0)
+        self.comm.set_phase(phase)
+        self.header[:] = (FORWARD, entries.shape[1], PHASES.index(phase), 0)
         self.comm.bcast_array(self.header)
         self.comm.bcast_array(entries)
-        return self._run(entries, phase_id)
+        return self._run(entries, phase)
 
     def stop(self, exit_code: int = 0):
         """Root only: release the workers (they exit with exit_code) and collect every rank's stats."""
@@ -121,14 +129,16 @@ class Engine:
     def serve(self) -> int:
         """Worker loop: obey the root until it says stop; returns the job's exit code."""
         while True:
+            self.comm.set_phase("idle")  # waiting for the root is not part of any token's time
             self.comm.bcast_array(self.header)
             cmd, b, phase, code = (int(v) for v in self.header)
             if cmd == STOP:
                 self.comm.gather_object(self.rank_stats())
                 return code
             entries = np.empty((4, b), np.int32)
+            self.comm.set_phase(PHASES[phase])
             self.comm.bcast_array(entries)
-            self._run(entries, phase)
+            self._run(entries, PHASES[phase])
 
     def rank_stats(self) -> dict:
         phases = {}

@@ -64,39 +64,111 @@ class Linear:
         return out
 
 
+class FFN:
+    """SwiGLU feed-forward over this rank's rows: W2 (silu(W1 h) * W3 h)."""
+
+    def __init__(self, sf: SliceFile, prefix: str):
+        self.w1, self.w2, self.w3 = (Linear(*sf.matrix(prefix + w)) for w in ("w1", "w2", "w3"))
+
+    def __call__(self, act: Activation) -> np.ndarray:
+        gate = self.w1(act)
+        K.silu_mul(gate, self.w3(act))
+        return self.w2(Activation(gate))
+
+
 class Layer:
     def __init__(self, sf: SliceFile, l: int):
+        cfg = sf.config
         p = f"layers.{l}."
-        self.attn_norm = np.asarray(sf.norm(p + "attn_norm"))
-        self.ffn_norm = np.asarray(sf.norm(p + "ffn_norm"))
-        for w in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
-            setattr(self, w, Linear(*sf.matrix(p + w)))
+        vec = lambda name: np.asarray(sf.vector(p + name))  # noqa: E731
+        self.attn_norm, self.ffn_norm = vec("attn_norm"), vec("ffn_norm")
+        self.wq, self.wk, self.wv, self.wo = (Linear(*sf.matrix(p + w)) for w in ("wq", "wk", "wv", "wo"))
+        # Qwen2: q/k/v biases (this rank's rows); Qwen3: per-head RMSNorm of q and k
+        self.bq, self.bk, self.bv = (vec(b) for b in ("bq", "bk", "bv")) if cfg.attn_bias else (None,) * 3
+        self.q_norm, self.k_norm = (vec("q_norm"), vec("k_norm")) if cfg.qk_norm else (None, None)
+        if cfg.n_experts:  # Qwen3-MoE: the router is on every rank, every expert is split like a dense FFN
+            self.router = vec("router")
+            self.experts = [FFN(sf, f"{p}experts.{e}.") for e in range(cfg.n_experts)]
+        else:
+            self.ffn = FFN(sf, p)
 
 
 class RankModel:
-    def __init__(self, sf: SliceFile, comm: Collectives, max_seq_len: int, wire: str, n_slots: int = 1):
+    def __init__(self, sf: SliceFile, comm: Collectives, max_seq_len: int, wire: str, n_slots: int = 1,
+                 kv_storage: str = "memory", kv_dir=None):
         cfg = self.cfg = sf.config
         s = sf.slice
         self.comm, self.wire, self.max_seq_len = comm, wire, max_seq_len
         self.nh, self.nkv, self.hd = s.n_heads, s.n_kv_heads, cfg.head_dim
         self.kv_of_head = np.asarray(s.kv_of_head(cfg), np.int32)
         self.layers = [Layer(sf, l) for l in range(cfg.n_layers)]
-        self.out_norm = np.asarray(sf.norm("out_norm"))
+        self.out_norm = np.asarray(sf.vector("out_norm"))
         self.output = Linear(*sf.matrix("output"))
         self.vocab_counts = [v1 - v0 for (v0, v1) in (r.vocab for r in sf.plan)]
         self.embedding = sf.embedding() if comm.rank == 0 else None
         angles = np.arange(max_seq_len, dtype=np.float64)[:, None] * cfg.rope_inv_freq()[None, :]
         self.cos, self.sin = np.cos(angles).astype(F32), np.sin(angles).astype(F32)
         # KV cache of this rank's KV heads, per layer: [slot, kv head, position, head_dim].
-        # np.zeros maps untouched pages lazily, so memory grows with the positions used.
+        # memory: np.zeros maps untouched pages lazily, so memory grows with the positions used.
+        # disk: all layers' K and V in one memory-mapped file in kv_dir (default $TMPDIR), so the
+        # page cache may evict it. The file is unlinked as soon as it is mapped: it takes disk
+        # space until the process ends (however it ends) and is never left behind.
         shape = (n_slots, self.nkv, max_seq_len, self.hd)
-        self.k_cache = [np.zeros(shape, F32) for _ in self.layers]
-        self.v_cache = [np.zeros(shape, F32) for _ in self.layers]
+        per_layer = int(np.prod(shape))
+        if kv_storage == "disk" and per_layer:
+            import mmap
+            import os
+            import tempfile
+            if kv_dir is not None and not os.path.isdir(kv_dir):
+                raise OSError(2, f"--kv-cache-dir {kv_dir} is not a folder on this host")
+            fd, path = tempfile.mkstemp(prefix=f"dllama-kv-rank{comm.rank}-", suffix=".f32", dir=kv_dir)
+            try:
+                nbytes = 2 * len(self.layers) * per_layer * 4
+                try:
+                    os.posix_fallocate(fd, 0, nbytes)  # reserve the space now: a full disk is an error here,
+                except OSError as e:                   # not a SIGBUS in the middle of a token
+                    raise OSError(e.errno, f"cannot reserve {nbytes / 2**20:.0f} MiB for the KV cache in "
+                                           f"{os.path.dirname(path)}: {e.strerror}") from None
+                buf = np.frombuffer(mmap.mmap(fd, nbytes), F32).reshape(2, len(self.layers), *shape)
+            finally:
+                os.close(fd)
+                os.unlink(path)
+            self.k_cache, self.v_cache = list(buf[0]), list(buf[1])
+        elif kv_storage in ("memory", "disk"):
+            self.k_cache = [np.zeros(shape, F32) for _ in self.layers]
+            self.v_cache = [np.zeros(shape, F32) for _ in self.layers]
+        else:
+            raise ValueError(f"unknown KV cache storage {kv_storage!r}: use memory or disk")
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         ggml_type, raw = self.embedding
         rows = np.asarray(raw[tokens])
         return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(ggml_type)).astype(F32).reshape(len(tokens), -1)
+
+    def _head_norm(self, t: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """RMSNorm of every head vector of t [B, heads, hd] with the shared weight w [hd]."""
+        b, heads, hd = t.shape
+        out = np.empty((b * heads, hd), F32)
+        K.rmsnorm(np.ascontiguousarray(t.reshape(b * heads, hd)), w, F32(self.cfg.norm_eps), out)
+        return out.reshape(b, heads, hd)
+
+    def _moe(self, layer: Layer, act: Activation) -> np.ndarray:
+        """Mixture of experts: softmax router, top-k experts per token, weights renormalized
+        (norm_topk_prob); each rank computes its rows of every chosen expert."""
+        cfg = self.cfg
+        logits = act.x @ layer.router.T
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True), dtype=np.float64)
+        probs /= probs.sum(axis=1, keepdims=True)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, : cfg.n_active_experts]
+        weight = np.take_along_axis(probs, top, axis=1)
+        if cfg.norm_topk_prob:
+            weight /= weight.sum(axis=1, keepdims=True)
+        part = np.zeros_like(act.x)
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)
+            y = layer.experts[e](Activation(np.ascontiguousarray(act.x[rows])))
+            part[rows] += y * weight[rows, slot][:, None].astype(F32)
+        return part
 
     def forward(self, tokens: np.ndarray, slots: np.ndarray, pos: np.ndarray, want: np.ndarray):
         """One batch of (token, sequence slot, position) entries; logits of the entries with
@@ -111,11 +183,19 @@ class RankModel:
             # attention: this rank's query heads and the KV heads they read
             K.rmsnorm(x, layer.attn_norm, F32(cfg.norm_eps), h)
             act = Activation(h)
-            q = layer.wq(act).reshape(b, self.nh, self.hd)
-            k = layer.wk(act).reshape(b, self.nkv, self.hd)
-            v = layer.wv(act).reshape(b, self.nkv, self.hd)
+            q, k, v = layer.wq(act), layer.wk(act), layer.wv(act)
+            if cfg.attn_bias:
+                q += layer.bq
+                k += layer.bk
+                v += layer.bv
+            q = q.reshape(b, self.nh, self.hd)
+            k = k.reshape(b, self.nkv, self.hd)
+            v = v.reshape(b, self.nkv, self.hd)
             att = np.zeros((b, self.nh, self.hd), F32)
             if self.nh:
+                if cfg.qk_norm:
+                    q = self._head_norm(q, layer.q_norm)
+                    k = self._head_norm(k, layer.k_norm)
                 K.rope(q, pos, self.cos, self.sin, cfg.rope_interleaved)
                 K.rope(k, pos, self.cos, self.sin, cfg.rope_interleaved)
                 kc[slots, :, pos] = k
@@ -126,10 +206,7 @@ class RankModel:
             x += part
             # feed-forward: this rank's FFN rows (SwiGLU)
             K.rmsnorm(x, layer.ffn_norm, F32(cfg.norm_eps), h)
-            act = Activation(h)
-            gate = layer.w1(act)
-            K.silu_mul(gate, layer.w3(act))
-            part = layer.w2(Activation(gate))
+            part = self._moe(layer, Activation(h)) if cfg.n_experts else layer.ffn(Activation(h))
             comm.allreduce_sum(part, wire, K)
             x += part
         rows = np.flatnonzero(want)

@@ -4,12 +4,17 @@ Attention: rank r owns a contiguous group of query heads (uneven splits allowed:
 2 ranks = 5 + 4) and every KV head one of those queries reads, so a KV head may be computed
 on several ranks. Wq/Wk/Wv are split by output rows, Wo by input columns over the same heads.
 FFN: W1/W3 by output rows, W2 by input columns, in chunks of 32 so quant blocks never straddle
-ranks. LM head: vocab rows. A rank may own zero of anything and still takes part in the syncs.
+ranks (for MoE, every expert's FFN is split the same way). LM head: vocab rows. A rank may own
+zero of anything and still takes part in the syncs.
+
+Wo's input columns must also start on a 32-boundary, so when head_dim is not a multiple of 32
+heads are handed out in groups (head_dim 16: pairs of heads); a rank may then own no heads.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 from .config import ModelConfig
 
@@ -54,11 +59,13 @@ def plan(cfg: ModelConfig, n: int) -> list[RankSlice]:
         raise ValueError(f"need at least one rank, got {n}")
     if cfg.n_heads % cfg.n_kv_heads:
         raise ValueError(f"{cfg.n_heads} query heads do not group evenly over {cfg.n_kv_heads} KV heads")
-    if cfg.hidden_dim % BLOCK:
-        raise ValueError(f"FFN width {cfg.hidden_dim} is not a multiple of {BLOCK}")
+    if cfg.ffn_dim % BLOCK:
+        raise ValueError(f"FFN width {cfg.ffn_dim} is not a multiple of {BLOCK}")
     group = cfg.n_heads // cfg.n_kv_heads
-    heads = split_even(cfg.n_heads, n)
-    ffn_chunks = split_even(cfg.hidden_dim // BLOCK, n)
+    unit = BLOCK // math.gcd(cfg.head_dim, BLOCK)  # heads per group so that groups start block-aligned
+    heads = [(min(a * unit, cfg.n_heads), min(b * unit, cfg.n_heads))
+             for a, b in split_even(-(-cfg.n_heads // unit), n)]
+    ffn_chunks = split_even(cfg.ffn_dim // BLOCK, n)
     vocab = split_even(cfg.vocab_size, n)
     out = []
     for r in range(n):

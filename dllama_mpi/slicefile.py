@@ -80,9 +80,10 @@ def _matrix_part(t, kind: str, rows: tuple[int, int], cols: tuple[int, int]) -> 
 
 
 def _matrix_parts(cfg: ModelConfig, name: str, s: RankSlice):
-    """(rows, cols) of the part of canonical matrix `name` that rank slice s owns."""
+    """(rows, cols) of the part of canonical matrix `name` that rank slice s owns
+    (biases: the rows of their matrix; expert matrices: split like the dense FFN)."""
     hd = cfg.head_dim
-    base = name.rsplit(".", 1)[-1]
+    base = {"bq": "wq", "bk": "wk", "bv": "wv"}.get(name.rsplit(".", 1)[-1], name.rsplit(".", 1)[-1])
     if base == "wq":
         return (s.heads[0] * hd, s.heads[1] * hd), (0, cfg.dim)
     if base in ("wk", "wv"):
@@ -99,8 +100,29 @@ def _matrix_parts(cfg: ModelConfig, name: str, s: RankSlice):
 
 
 def _h5_path(name: str) -> str:
-    m = re.fullmatch(r"layers\.(\d+)\.(\w+)", name)
-    return f"layers/{int(m.group(1)):02d}/{m.group(2)}" if m else name
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    return f"layers/{int(m.group(1)):02d}/{m.group(2).replace('.', '/')}" if m else name
+
+
+def tensor_plan(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(how, canonical name) of every tensor a slice set holds, in writing order:
+    "replicated" vectors/small matrices go to every rank as f32, "rows" vectors are cut like
+    their matrix's rows, "matrix" ones are split per the partition plan."""
+    out = [("embedding", "tok_embd"), ("replicated", "out_norm")]
+    for l in range(cfg.n_layers):
+        p = f"layers.{l}."
+        out += [("replicated", p + "attn_norm"), ("replicated", p + "ffn_norm")]
+        if cfg.qk_norm:
+            out += [("replicated", p + "q_norm"), ("replicated", p + "k_norm")]
+        if cfg.attn_bias:
+            out += [("rows", p + "bq"), ("rows", p + "bk"), ("rows", p + "bv")]
+        out += [("matrix", p + w) for w in ("wq", "wk", "wv", "wo")]
+        if cfg.n_experts:
+            out.append(("replicated", p + "router"))
+            out += [("matrix", f"{p}experts.{e}.{w}") for e in range(cfg.n_experts) for w in ("w1", "w2", "w3")]
+        else:
+            out += [("matrix", p + w) for w in ("w1", "w2", "w3")]
+    return out + [("matrix", "output")]
 
 
 CHUNK_ROWS = 4096  # rows converted at a time (a multiple of the 64-row tile): bounds the slicer's memory
@@ -146,9 +168,6 @@ def write_slices(source, n: int, out_dir, weight_type: str = "auto", ranks=None,
         digest = source.digest()
         names = source.names()
         head_name = "output" if "output" in names else "tok_embd"
-        matrices = [f"layers.{l}.{w}" for l in range(cfg.n_layers)
-                    for w in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")] + ["output"]
-        norms = [f"layers.{l}.{w}" for l in range(cfg.n_layers) for w in ("attn_norm", "ffn_norm")] + ["out_norm"]
         kinds = {}
         for r in ranks:
             f = files[r] = h5py.File(tmp[r], "w", libver="latest")
@@ -156,7 +175,9 @@ def write_slices(source, n: int, out_dir, weight_type: str = "auto", ranks=None,
                            plan=plan_to_json(slices), source_digest=digest,
                            source_name=pathlib.Path(source.path).name, created_by=f"dllama-mpi {__version__}")
             f.create_dataset("tokenizer", data=np.frombuffer(source.tokenizer.to_json().encode(), np.uint8))
-        steps = [("embedding", "tok_embd")] + [("norm", x) for x in norms] + [("matrix", x) for x in matrices]
+        steps = tensor_plan(cfg)
+        if progress:
+            progress(0, len(steps), "")
         for i, (what, name) in enumerate(steps):
             if what == "embedding":
                 t = source.tensor("tok_embd")
@@ -164,10 +185,15 @@ def write_slices(source, n: int, out_dir, weight_type: str = "auto", ranks=None,
                     g = files[0].create_group("tok_embd")
                     g.attrs["ggml_type"] = int(t.ggml_type)
                     g.create_dataset("raw", data=np.asarray(t.raw), track_times=False)
-            elif what == "norm":
+            elif what == "replicated":
                 w = source.tensor(name).float32()
                 for f in files.values():
                     f.create_dataset(_h5_path(name), data=np.asarray(w, np.float32), track_times=False)
+            elif what == "rows":
+                w = source.tensor(name).float32()
+                for r, f in files.items():
+                    (r0, r1), _ = _matrix_parts(cfg, name, slices[r])
+                    f.create_dataset(_h5_path(name), data=np.asarray(w[r0:r1], np.float32), track_times=False)
             else:
                 t = source.tensor(head_name if name == "output" else name)
                 kind = kinds[name] = (head_kind(t.ggml_type, weight_type, head_type) if name == "output"
@@ -240,7 +266,8 @@ class SliceFile:
     def slice(self) -> RankSlice:
         return self.plan[self.rank]
 
-    def norm(self, name: str) -> np.ndarray:
+    def vector(self, name: str) -> np.ndarray:
+        """A float32 dataset that is not a kernel-layout matrix (norms, biases, router)."""
         return self.arrays[_h5_path(name)]
 
     def matrix(self, name: str) -> tuple[str, int, int, dict]:

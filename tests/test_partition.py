@@ -2,18 +2,22 @@
 import pytest
 
 from dllama_mpi.config import ModelConfig
+from dllama_mpi.config import SHAPES as REGISTRY
 from dllama_mpi.partition import BLOCK, plan, plan_from_json, plan_to_json
 
 
-def shape(dim, hidden, layers, heads, kv, vocab):
+def shape(dim, hidden, layers, heads, kv, vocab, head_dim=None):
     return ModelConfig(arch="llama", dim=dim, hidden_dim=hidden, n_layers=layers, n_heads=heads,
-                       n_kv_heads=kv, head_dim=dim // heads, vocab_size=vocab, context_length=8192,
+                       n_kv_heads=kv, head_dim=head_dim or dim // heads, vocab_size=vocab, context_length=8192,
                        norm_eps=1e-5, rope_theta=1e4, rope_interleaved=True)
 
 
 SHAPES = {
     "smollm2-135m": shape(576, 1536, 30, 9, 3, 49152),
     "llama3-8b": shape(4096, 14336, 32, 32, 8, 128256),
+    "tiny-hd16": shape(64, 128, 2, 4, 2, 49152),             # the llama31 fixture: head_dim 16
+    "tiny-hd8-odd": shape(56, 96, 2, 7, 7, 1000, head_dim=8),
+    "qwen3-30b-a3b": REGISTRY["qwen3-30b-a3b"],               # MoE: experts of width 768
 }
 
 
@@ -26,7 +30,7 @@ def test_every_unit_owned_exactly_once(name, n):
     heads = [h for s in slices for h in range(*s.heads)]
     assert heads == list(range(cfg.n_heads))
     ffn = [f for s in slices for f in range(*s.ffn)]
-    assert ffn == list(range(cfg.hidden_dim))
+    assert ffn == list(range(cfg.ffn_dim))
     vocab = [v for s in slices for v in range(*s.vocab)]
     assert vocab == list(range(cfg.vocab_size))
     group = cfg.n_heads // cfg.n_kv_heads
@@ -38,10 +42,12 @@ def test_every_unit_owned_exactly_once(name, n):
             assert s.kv_heads[0] + local == h // group
         # quant blocks never straddle ranks: FFN rows, and Wo's input columns
         assert s.ffn[0] % BLOCK == 0 and s.ffn[1] % BLOCK == 0
-        assert (s.heads[0] * cfg.head_dim) % BLOCK == 0
-        # balanced: sizes differ by at most one head / one block / one row
+        if s.n_heads:
+            assert (s.heads[0] * cfg.head_dim) % BLOCK == 0
+    # balanced: sizes differ by at most one group of heads (one head when head_dim % 32 == 0)
+    unit = BLOCK // __import__("math").gcd(cfg.head_dim, BLOCK)
     sizes = [s.n_heads for s in slices]
-    assert max(sizes) - min(sizes) <= 1
+    assert max(sizes) - min(sizes) <= unit
     assert plan_from_json(plan_to_json(slices)) == slices
 
 
@@ -58,3 +64,9 @@ def test_ranks_with_no_heads():
     empty = [s for s in slices if s.n_heads == 0]
     assert len(empty) == 3 and all(s.n_kv_heads == 0 for s in empty)
     assert sum(s.n_heads for s in slices) == 9
+
+
+def test_small_head_dim_groups_heads_on_block_boundaries():
+    cfg = SHAPES["tiny-hd16"]
+    assert [s.heads for s in plan(cfg, 3)] == [(0, 2), (2, 4), (4, 4)]
+    assert [s.kv_heads for s in plan(cfg, 3)] == [(0, 1), (1, 2), (0, 0)]

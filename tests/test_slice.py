@@ -10,6 +10,7 @@ import time
 import gguf
 import h5py
 import numpy as np
+import pytest
 
 from helpers import BIN, dllama, error_lines
 
@@ -76,17 +77,22 @@ def test_slicing_streams_one_tensor_at_a_time(smollm2_gguf, tmp_path):
     assert grown < 2 * largest_tensor, f"slicing grew RSS by {grown / 1e6:.0f} MB (model {total / 1e6:.0f} MB)"
 
 
-def test_interrupted_slice_leaves_no_valid_looking_file(smollm2_gguf, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_slice_leaves_no_valid_looking_file(smollm2_gguf, tmp_path, sig):
     out = tmp_path / "s"
+    # a shell without job control starts background children with SIGINT ignored: undo that,
+    # so the child sees the signal the way a user's Ctrl-C delivers it
     proc = subprocess.Popen([str(BIN / "dllama-mpi"), "slice", str(smollm2_gguf), "--nodes", "2", "--out", str(out),
-                             "--weights-float-type", "f32", "--quiet"], stderr=subprocess.PIPE)
+                             "--weights-float-type", "f32", "--quiet"], stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (out.is_dir() and any(out.iterdir())):
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
-    assert proc.returncode != 0
+    assert proc.poll() is None, "slicing finished before it could be interrupted"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err.decode()
     assert list(out.glob("*.h5")) == []
     assert list(out.iterdir()) == []  # temporary files are removed too
 
