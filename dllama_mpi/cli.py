@@ -1,6 +1,7 @@
 """The `dllama-mpi` command line: thin click commands that parse options and call the package."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -8,6 +9,8 @@ import sys
 import traceback
 
 import click
+
+from .config import SHAPES
 
 WEIGHT_TYPES = ["auto", "q40", "q41", "q80", "f32"]
 
@@ -227,6 +230,8 @@ def runtime_options(f):
                      help="Wire format of the per-layer all-reduce.")(f)
     f = click.option("--nthreads", type=click.IntRange(1, 1024), default=1, show_default=True,
                      help="OpenMP threads per rank.")(f)
+    f = click.option("--sync", type=click.Choice(["auto", "allgather", "ring"]), default="auto", show_default=True,
+                     help="q80 all-reduce: all-gather of partials, or reduce-scatter + all-gather (auto: ring from 3 ranks).")(f)
     f = click.option("--max-seq-len", type=click.IntRange(2, None), default=None,
                      help="KV cache length [default: the model's context, at most 4096].")(f)
     f = click.option("--kv-cache-storage", type=click.Choice(["memory", "disk"]), default="memory", show_default=True,
@@ -236,17 +241,22 @@ def runtime_options(f):
     return f
 
 
-def run_job(opts: dict, root_fn):
+def run_job(opts: dict, root_fn, make_slice=None, setup=None):
     """Start the engine on every rank; the root runs root_fn(engine), workers serve it.
+    make_slice(comm) gives this rank's weights instead of its slice file (bench); setup(engine)
+    runs on every rank before the root starts (bench's bandwidth measurement).
     Any rank's failure ends the whole job: collectively when it can, by MPI_Abort if not."""
     os.environ["OMP_NUM_THREADS"] = str(opts["nthreads"])  # before the kernels are loaded
     from .collectives import Collectives
     from .engine import Engine, StartupError
     from .generate import UsageError
-    comm = Collectives()
+    comm = Collectives(sync=opts.get("sync", "auto"))
     try:
         engine = Engine(opts["model"], comm, opts["max_seq_len"], opts["buffer_float_type"],
-                        kv_storage=opts.get("kv_cache_storage", "memory"), kv_dir=opts.get("kv_cache_dir"))
+                        kv_storage=opts.get("kv_cache_storage", "memory"), kv_dir=opts.get("kv_cache_dir"),
+                        rank_slice=make_slice(comm) if make_slice else None)
+        if setup:
+            setup(engine)
     except StartupError as e:
         if comm.rank == 0:
             click.echo(f"error: {e}", err=True)
@@ -431,6 +441,75 @@ def plan_cmd(model, shape, nodes, weights_float_type, head_float_type, ram_per_n
     bw = bandwidth * 1e9 if bandwidth else P.measure_bandwidth()
     est = P.estimate(job, bw, link_bits, latency_us)
     click.echo(P.to_json(job, est, ram) if as_json else P.report(job, est, ram, link))
+
+
+@cli.command()
+@click.option("--shape", type=click.Choice(sorted(SHAPES)), help="Random weights of this model shape (no files).")
+@click.option("--model", "-m", type=click.Path(path_type=pathlib.Path), help="A slice set instead of --shape.")
+@click.option("--weights-float-type", type=click.Choice(["q40", "q41", "q80", "f32"]), default="q40", show_default=True,
+              help="With --shape: the matrices' kind.")
+@click.option("--head-float-type", type=click.Choice(["q40", "q41", "q80", "f32"]), default=None,
+              help="With --shape: the LM head's kind [default: --weights-float-type].")
+@click.option("--buffer-float-type", type=click.Choice(["q80", "f32"]), default="q80", show_default=True)
+@click.option("--sync", type=click.Choice(["auto", "allgather", "ring"]), default="auto", show_default=True)
+@click.option("--nthreads", type=click.IntRange(1, 1024), default=1, show_default=True)
+@click.option("--runs", type=click.IntRange(1, 100), default=5, show_default=True, help="Repeats; the median is reported.")
+@click.option("--prompt-tokens", type=click.IntRange(1, 8192), default=256, show_default=True, help="Prefill length.")
+@click.option("--steps", type=click.IntRange(1, 8192), default=32, show_default=True, help="Decoded tokens per run.")
+@click.option("--plan-only", is_flag=True, help="Print the bytes each rank syncs per token at --nodes; run nothing.")
+@click.option("--nodes", type=click.IntRange(1, 4096), default=None, help="With --plan-only: the rank count.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def bench(shape, model, weights_float_type, head_float_type, buffer_float_type, sync, nthreads, runs, prompt_tokens,
+          steps, plan_only, nodes, as_json):
+    """Decode and prefill speed, next to the memory bandwidth measured in the same run. Run it
+    under mpirun like infer; --shape needs no files."""
+    if (shape is None) == (model is None):
+        fail("give --shape NAME or --model SLICE_DIR (one of them)")
+    if plan_only:
+        from . import plan as P
+        try:
+            name, cfg, _ = P.open_target(None if model is None else str(model), shape)
+        except P.PlanError as e:
+            fail(str(e))
+        from .partition import plan as partition_plan
+        n = nodes or 1
+        parts = [b - a for a, b in (s.vocab for s in partition_plan(cfg, n))]
+        rows = [P.sync_bytes_per_token(cfg, n, r, parts, buffer_float_type, sync, topk=1) for r in range(n)]
+        if as_json:
+            click.echo(json.dumps({"shape": name, "ranks": n, "sent_bytes_per_token": [s for s, _ in rows],
+                                   "recv_bytes_per_token": [r for _, r in rows]}))
+        else:
+            click.echo(f"{name} on {n} rank(s), sync {buffer_float_type}: bytes per decoded token")
+            for r, (snt, rcv) in enumerate(rows):
+                click.echo(f"  rank {r}: sent {snt}, received {rcv}")
+        return
+    from . import bench as B
+    head = head_float_type or weights_float_type
+    opts = {"model": model, "nthreads": nthreads, "max_seq_len": prompt_tokens + steps + 1,
+            "buffer_float_type": buffer_float_type, "sync": sync}
+    state = {}
+
+    def make_slice(comm):
+        return B.RandomSlice(SHAPES[shape], comm.size, comm.rank, weights_float_type, head)
+
+    def setup(engine):
+        from . import kernels
+        comm = engine.comm
+        bw = B.measure_bandwidth(kernels, comm)
+        state["bandwidth"] = comm.gather_object(bw)
+        state["weights"] = comm.gather_object(engine.slice.weight_bytes())
+        state["kinds"] = engine.slice.weight_types
+
+    def root(engine):
+        state["speeds"] = B.run(engine, runs, prompt_tokens, steps)
+
+    code, stats = run_job(opts, root, make_slice if shape else None, setup)
+    if code:
+        sys.exit(code)
+    kinds = f"{weights_float_type} (LM head {head})" if shape else ", ".join(state["kinds"])
+    res = B.report(shape or str(model), kinds, buffer_float_type, nthreads, state["speeds"], state["bandwidth"],
+                   state["weights"], stats)
+    click.echo(B.to_json(res) if as_json else B.text(res))
 
 
 @cli.command()

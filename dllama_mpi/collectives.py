@@ -13,6 +13,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from .partition import split_even
+
 Q80_BLOCK = 32
 Q80_BYTES = Q80_BLOCK + 4  # int8 values + a float32 scale
 
@@ -27,17 +29,24 @@ class Counters:
 
 
 class Collectives:
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, sync: str = "auto"):
+        if sync not in ("auto", "allgather", "ring"):
+            raise ValueError(f"unknown sync {sync!r}: use auto, allgather or ring")
+        self.sync = sync
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.phases = {}        # phase name -> Counters
         self.phase = "setup"
-        self._q80 = {}          # buffers for the q80 all-reduce, by shape
 
     # -- accounting -------------------------------------------------------------------------
     def set_phase(self, name: str) -> None:
         self.phase = name
+
+    def add_bytes(self, sent: int = 0, recv: int = 0) -> None:
+        """Bytes that moved in a call counted under another phase (a worker learns the phase of a
+        command only after receiving its header)."""
+        self._count(sent, recv, time.perf_counter())
 
     def _count(self, sent: int, recv: int, t0: float) -> None:
         c = self.phases.get(self.phase)
@@ -66,13 +75,52 @@ class Collectives:
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
 
+    # -- Q80 on the wire ---------------------------------------------------------------------
+    # A Q80 record is one 32-value block: a float32 scale then 32 int8 values (36 bytes).
+
+    @staticmethod
+    def _q80_encode(x: np.ndarray, kernels) -> np.ndarray:
+        """[B, n] float32 -> [B, n/32, 36] uint8 records."""
+        b, n = x.shape
+        nb = n // Q80_BLOCK
+        qx = np.empty((b, nb, Q80_BLOCK), np.int8)
+        dx = np.empty((b, nb), np.float32)
+        if nb:
+            kernels.quantize_q80(x, qx, dx, np.empty((b, nb), np.int32))
+        rec = np.empty((b, nb, Q80_BYTES), np.uint8)
+        rec[:, :, :4] = dx.view(np.uint8).reshape(b, nb, 4)
+        rec[:, :, 4:] = qx.view(np.uint8)
+        return rec
+
+    @staticmethod
+    def _q80_sum(recs: np.ndarray, out: np.ndarray, kernels) -> None:
+        """Sum of N ranks' records [N, B, nb, 36] in rank order, dequantized into out [B, nb*32]."""
+        if recs.shape[2] == 0:
+            return
+        dx = np.ascontiguousarray(recs[..., :4]).view(np.float32)[..., 0]
+        qx = np.ascontiguousarray(recs[..., 4:]).view(np.int8)
+        kernels.dequant_sum_q80(qx, np.ascontiguousarray(dx), out)
+
+    def bcast_x(self, x: np.ndarray, wire: str, kernels) -> None:
+        """The root's embedded batch [B, dim] to every rank, in place. With the q80 wire it
+        travels as Q80 and every rank, the root included, continues from the decoded values."""
+        if wire == "f32" or self.size == 1:
+            self.bcast_array(x)
+            return
+        rec = self._q80_encode(x, kernels) if self.rank == 0 else \
+            np.empty((x.shape[0], x.shape[1] // Q80_BLOCK, Q80_BYTES), np.uint8)
+        self.bcast_array(rec)
+        self._q80_sum(rec[None], x, kernels)
+
     # -- the per-layer sync -----------------------------------------------------------------
     def allreduce_sum(self, x: np.ndarray, wire: str, kernels) -> None:
-        """Sum a [B, dim] float32 partial over all ranks, in place.
+        """Sum a [B, dim] float32 partial over all ranks, in place; every rank gets the same bits.
 
-        wire "f32": MPI_Allreduce. wire "q80": every rank quantizes its partial to Q80
-        (int8 + float32 scale per 32 values), all-gathers the encoded bytes and sums them locally
-        in rank order, so every rank gets the same bits (4x fewer bytes on the wire than f32)."""
+        wire "f32": MPI_Allreduce. wire "q80", sync "allgather": every rank all-gathers its Q80
+        partial and sums all of them in rank order ((N-1) * b bytes sent per rank, as the original
+        does). sync "ring": reduce-scatter + all-gather: rank r sums block range r of every rank's
+        Q80 partial (MPI_Alltoallv), re-quantizes that sum and all ranks all-gather the sums,
+        2 * b * (N-1)/N bytes per rank whatever N. "auto" uses ring from 3 ranks on."""
         if self.size == 1:
             return
         n = self.size
@@ -82,25 +130,57 @@ class Collectives:
             moved = 2 * x.nbytes * (n - 1) // n
             self._count(moved, moved, t0)
             return
-        b, dim = x.shape
-        nb = dim // Q80_BLOCK
-        bufs = self._q80.get(x.shape)
-        if bufs is None:
-            # one send buffer = [scales f32 (b*nb) | values int8 (b*nb*32)], gathered N times
-            send = np.empty(b * nb * Q80_BYTES, dtype=np.uint8)
-            recv = np.empty((n, send.size), dtype=np.uint8)
-            dx = send[: b * nb * 4].view(np.float32).reshape(b, nb)
-            qx = send[b * nb * 4:].view(np.int8).reshape(b, nb, Q80_BLOCK)
-            sx = np.empty((b, nb), dtype=np.int32)
-            all_dx = recv[:, : b * nb * 4].view(np.float32).reshape(n, b, nb)
-            all_qx = recv[:, b * nb * 4:].view(np.int8).reshape(n, b, nb, Q80_BLOCK)
-            bufs = self._q80[x.shape] = (send, recv, dx, qx, sx, all_dx, all_qx)
-        send, recv, dx, qx, sx, all_dx, all_qx = bufs
-        kernels.quantize_q80(x, qx, dx, sx)
+        rec = self._q80_encode(x, kernels)
+        if self.sync_mode(n) == "allgather":
+            recv = np.empty((n,) + rec.shape, np.uint8)
+            t0 = time.perf_counter()
+            self.comm.Allgather(rec, recv)
+            self._count(rec.nbytes * (n - 1), rec.nbytes * (n - 1), t0)
+            self._q80_sum(recv, x, kernels)
+            return
+        b, nb = rec.shape[:2]
+        chunks = split_even(nb, n)
+        c0, c1 = chunks[self.rank]
+        send = np.concatenate([rec[:, a:z].ravel() for a, z in chunks])
+        scounts = [b * (z - a) * Q80_BYTES for a, z in chunks]
+        mine = b * (c1 - c0) * Q80_BYTES
+        recv = np.empty(n * mine, np.uint8)
         t0 = time.perf_counter()
-        self.comm.Allgather(send, recv)
-        self._count(send.nbytes * (n - 1), send.nbytes * (n - 1), t0)
-        kernels.dequant_sum_q80(np.ascontiguousarray(all_qx), np.ascontiguousarray(all_dx), x)
+        self.comm.Alltoallv([send, scounts, _displs(scounts), MPI.BYTE], [recv, [mine] * n, _displs([mine] * n), MPI.BYTE])
+        self._count(sum(scounts) - scounts[self.rank], mine * (n - 1), t0)
+        part = np.zeros((b, (c1 - c0) * Q80_BLOCK), np.float32)
+        self._q80_sum(recv.reshape(n, b, c1 - c0, Q80_BYTES), part, kernels)
+        mine_rec = self._q80_encode(part, kernels)
+        gathered = np.empty(sum(scounts), np.uint8)
+        t0 = time.perf_counter()
+        self.comm.Allgatherv(mine_rec.ravel(), [gathered, scounts, _displs(scounts), MPI.BYTE])
+        self._count(mine * (n - 1), sum(scounts) - mine, t0)
+        full = np.empty_like(rec)
+        for (a, z), off in zip(chunks, _displs(scounts)):
+            full[:, a:z] = gathered[off:off + b * (z - a) * Q80_BYTES].reshape(b, z - a, Q80_BYTES)
+        self._q80_sum(full[None], x, kernels)
+
+    def sync_mode(self, n: int) -> str:
+        return ("ring" if n >= 3 else "allgather") if self.sync == "auto" else self.sync
+
+    def gather_topk(self, values: np.ndarray, ids: np.ndarray):
+        """Every rank's [B, k] best logits (values float32, global ids int32) on the root as
+        [B, N*k] each; None elsewhere."""
+        if self.size == 1:
+            return values, ids
+        t0 = time.perf_counter()
+        local = np.concatenate([values.view(np.uint8), ids.astype(np.int32).view(np.uint8)], axis=1)
+        local = np.ascontiguousarray(local)
+        recv = np.empty((self.size,) + local.shape, np.uint8) if self.rank == 0 else None
+        self.comm.Gather(local, recv, root=0)
+        if self.rank != 0:
+            self._count(local.nbytes, 0, t0)
+            return None
+        self._count(0, local.nbytes * (self.size - 1), t0)
+        k4 = values.shape[1] * 4
+        vals = np.concatenate([np.ascontiguousarray(r[:, :k4]).view(np.float32) for r in recv], axis=1)
+        idx = np.concatenate([np.ascontiguousarray(r[:, k4:]).view(np.int32) for r in recv], axis=1)
+        return vals, idx
 
     def gather_rows(self, local: np.ndarray, counts: list[int]) -> np.ndarray | None:
         """Concatenate every rank's [B, counts[r]] float32 columns on the root -> [B, sum]."""
@@ -120,6 +200,10 @@ class Collectives:
         self.comm.Gatherv(np.ascontiguousarray(local), None, root=0)
         self._count(local.nbytes, 0, t0)
         return None
+
+
+def _displs(counts: list[int]) -> list[int]:
+    return np.cumsum([0] + counts[:-1]).tolist()
 
 
 def processor_name() -> str:

@@ -1,6 +1,6 @@
 """The loop every rank runs. The root drives it; workers obey; all run the same forward.
 
-The root broadcasts a small fixed header (command, batch size, phase, exit code) and then,
+The root broadcasts a small fixed header (command, batch size, phase, exit code or top-k) and then,
 for a forward, the batch's (token, slot, position, want-logits) entries. Workers never parse
 prompts. Start-up is collective: every rank opens its own slice file and all ranks agree on
 the outcome before anyone proceeds, so a bad slice set ends the job everywhere with the same
@@ -67,10 +67,12 @@ def open_rank_slice(model_dir, comm: Collectives) -> SliceFile:
 
 class Engine:
     def __init__(self, model_dir, comm: Collectives, max_seq_len: int | None, wire: str, n_slots: int = 1,
-                 kv_storage: str = "memory", kv_dir=None):
+                 kv_storage: str = "memory", kv_dir=None, rank_slice=None):
+        """rank_slice: this rank's weights already in memory (bench's random weights) instead of
+        the slice file in model_dir."""
         from .model import RankModel  # imports the compiled kernels: after OMP_NUM_THREADS is set
         self.comm = comm
-        self.slice = open_rank_slice(model_dir, comm)
+        self.slice = rank_slice if rank_slice is not None else open_rank_slice(model_dir, comm)
         cfg = self.config = self.slice.config
         self.max_seq_len = min(cfg.context_length, 4096) if not max_seq_len else max_seq_len
         err = None
@@ -91,18 +93,19 @@ class Engine:
     def is_root(self) -> bool:
         return self.comm.rank == 0
 
-    def _run(self, entries: np.ndarray, name: str):
+    def _run(self, entries: np.ndarray, name: str, topk: int = 0):
         t0 = time.perf_counter()
         tokens, slots, pos, want = entries
-        out = self.model.forward(tokens, slots, pos, want)
+        out = self.model.forward(tokens, slots, pos, want, topk)
         st = self.stats[name]
         st["seconds"] += time.perf_counter() - t0
         st["tokens"] += len(tokens)
         return out
 
     # -- root ---------------------------------------------------------------------------------
-    def forward(self, tokens, slots, positions, want, phase: str = "decode"):
-        """Root only: run one batch on every rank; returns logits [n_want, vocab]."""
+    def forward(self, tokens, slots, positions, want, phase: str = "decode", topk: int = 0):
+        """Root only: run one batch on every rank; returns logits [n_want, vocab] (with topk > 0
+        only the topk best of each rank are real, the rest -inf)."""
         entries = np.ascontiguousarray(np.stack([np.asarray(tokens), np.asarray(slots), np.asarray(positions),
                                                  np.asarray(want)]).astype(np.int32))
         if entries.shape[1] == 0:
@@ -114,13 +117,14 @@ class Engine:
         if entries[0].max() >= self.config.vocab_size or entries[0].min() < 0:
             raise ValueError("token id outside the vocabulary")
         self.comm.set_phase(phase)
-        self.header[:] = (FORWARD, entries.shape[1], PHASES.index(phase), 0)
+        self.header[:] = (FORWARD, entries.shape[1], PHASES.index(phase), topk)
         self.comm.bcast_array(self.header)
         self.comm.bcast_array(entries)
-        return self._run(entries, phase)
+        return self._run(entries, phase, topk)
 
     def stop(self, exit_code: int = 0):
         """Root only: release the workers (they exit with exit_code) and collect every rank's stats."""
+        self.comm.set_phase("idle")
         self.header[:] = (STOP, 0, 0, exit_code)
         self.comm.bcast_array(self.header)
         return self.comm.gather_object(self.rank_stats())
@@ -131,14 +135,15 @@ class Engine:
         while True:
             self.comm.set_phase("idle")  # waiting for the root is not part of any token's time
             self.comm.bcast_array(self.header)
-            cmd, b, phase, code = (int(v) for v in self.header)
+            cmd, b, phase, code = (int(v) for v in self.header)  # code: exit code (STOP) or top-k (FORWARD)
             if cmd == STOP:
                 self.comm.gather_object(self.rank_stats())
                 return code
             entries = np.empty((4, b), np.int32)
             self.comm.set_phase(PHASES[phase])
+            self.comm.add_bytes(recv=self.header.nbytes)  # the header belongs to this command
             self.comm.bcast_array(entries)
-            self._run(entries, PHASES[phase])
+            self._run(entries, PHASES[phase], code)
 
     def rank_stats(self) -> dict:
         phases = {}

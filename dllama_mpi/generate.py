@@ -61,7 +61,7 @@ class Generation:
             emit(stream.push(token))
             if len(out) == steps or pos >= limit:
                 break
-            logits = self.engine.forward([token], [slot], [pos], [1], phase="decode")[0]
+            logits = self.engine.forward([token], [slot], [pos], [1], phase="decode", topk=self.sampler.candidates)[0]
             pos += 1
         emit(stream.flush())
         self.decode_seconds = time.perf_counter() - t0

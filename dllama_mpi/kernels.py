@@ -32,6 +32,7 @@ rmsnorm = _ops.rmsnorm
 rope = _ops.rope
 attention = _ops.attention
 silu_mul = _ops.silu_mul
+read_sum = _ops.read_sum
 
 __all__ = [
     "quantize_q80", "matmul_q40", "matmul_q41", "matmul_q80", "matmul_f32", "dequant_sum_q80",

@@ -93,6 +93,38 @@ class Layer:
             self.ffn = FFN(sf, p)
 
 
+def kv_cache(n_layers: int, shape: tuple, storage: str, kv_dir, rank: int):
+    """Per-layer K and V arrays of `shape`, float32.
+
+    memory: np.zeros maps untouched pages lazily, so memory grows with the positions used.
+    disk: all layers' K and V in one memory-mapped file in kv_dir (default $TMPDIR), so the
+    page cache may evict it. The file is unlinked as soon as it is mapped: it takes disk space
+    until the process ends (however it ends) and is never left behind."""
+    per_layer = int(np.prod(shape))
+    if storage == "disk" and per_layer:
+        import mmap
+        import os
+        import tempfile
+        if kv_dir is not None and not os.path.isdir(kv_dir):
+            raise OSError(2, f"--kv-cache-dir {kv_dir} is not a folder on this host")
+        fd, path = tempfile.mkstemp(prefix=f"dllama-kv-rank{rank}-", suffix=".f32", dir=kv_dir)
+        try:
+            nbytes = 2 * n_layers * per_layer * 4
+            try:
+                os.posix_fallocate(fd, 0, nbytes)  # reserve the space now: a full disk is an error here,
+            except OSError as e:                   # not a SIGBUS in the middle of a token
+                raise OSError(e.errno, f"cannot reserve {nbytes / 2**20:.0f} MiB for the KV cache in "
+                                       f"{os.path.dirname(path)}: {e.strerror}") from None
+            buf = np.frombuffer(mmap.mmap(fd, nbytes), F32).reshape(2, n_layers, *shape)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        return list(buf[0]), list(buf[1])
+    if storage in ("memory", "disk"):
+        return [np.zeros(shape, F32) for _ in range(n_layers)], [np.zeros(shape, F32) for _ in range(n_layers)]
+    raise ValueError(f"unknown KV cache storage {storage!r}: use memory or disk")
+
+
 class RankModel:
     def __init__(self, sf: SliceFile, comm: Collectives, max_seq_len: int, wire: str, n_slots: int = 1,
                  kv_storage: str = "memory", kv_dir=None):
@@ -108,37 +140,9 @@ class RankModel:
         self.embedding = sf.embedding() if comm.rank == 0 else None
         angles = np.arange(max_seq_len, dtype=np.float64)[:, None] * cfg.rope_inv_freq()[None, :]
         self.cos, self.sin = np.cos(angles).astype(F32), np.sin(angles).astype(F32)
-        # KV cache of this rank's KV heads, per layer: [slot, kv head, position, head_dim].
-        # memory: np.zeros maps untouched pages lazily, so memory grows with the positions used.
-        # disk: all layers' K and V in one memory-mapped file in kv_dir (default $TMPDIR), so the
-        # page cache may evict it. The file is unlinked as soon as it is mapped: it takes disk
-        # space until the process ends (however it ends) and is never left behind.
+        # KV cache of this rank's KV heads, per layer: [slot, kv head, position, head_dim]
         shape = (n_slots, self.nkv, max_seq_len, self.hd)
-        per_layer = int(np.prod(shape))
-        if kv_storage == "disk" and per_layer:
-            import mmap
-            import os
-            import tempfile
-            if kv_dir is not None and not os.path.isdir(kv_dir):
-                raise OSError(2, f"--kv-cache-dir {kv_dir} is not a folder on this host")
-            fd, path = tempfile.mkstemp(prefix=f"dllama-kv-rank{comm.rank}-", suffix=".f32", dir=kv_dir)
-            try:
-                nbytes = 2 * len(self.layers) * per_layer * 4
-                try:
-                    os.posix_fallocate(fd, 0, nbytes)  # reserve the space now: a full disk is an error here,
-                except OSError as e:                   # not a SIGBUS in the middle of a token
-                    raise OSError(e.errno, f"cannot reserve {nbytes / 2**20:.0f} MiB for the KV cache in "
-                                           f"{os.path.dirname(path)}: {e.strerror}") from None
-                buf = np.frombuffer(mmap.mmap(fd, nbytes), F32).reshape(2, len(self.layers), *shape)
-            finally:
-                os.close(fd)
-                os.unlink(path)
-            self.k_cache, self.v_cache = list(buf[0]), list(buf[1])
-        elif kv_storage in ("memory", "disk"):
-            self.k_cache = [np.zeros(shape, F32) for _ in self.layers]
-            self.v_cache = [np.zeros(shape, F32) for _ in self.layers]
-        else:
-            raise ValueError(f"unknown KV cache storage {kv_storage!r}: use memory or disk")
+        self.k_cache, self.v_cache = kv_cache(len(self.layers), shape, kv_storage, kv_dir, comm.rank)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         ggml_type, raw = self.embedding
@@ -170,13 +174,15 @@ class RankModel:
             part[rows] += y * weight[rows, slot][:, None].astype(F32)
         return part
 
-    def forward(self, tokens: np.ndarray, slots: np.ndarray, pos: np.ndarray, want: np.ndarray):
+    def forward(self, tokens: np.ndarray, slots: np.ndarray, pos: np.ndarray, want: np.ndarray, topk: int = 0):
         """One batch of (token, sequence slot, position) entries; logits of the entries with
-        want != 0 come back on the root ([n_want, vocab]), None elsewhere."""
+        want != 0 come back on the root ([n_want, vocab]), None elsewhere. topk > 0: only each
+        rank's topk best logits travel; the others come back as -inf (enough for greedy and
+        top-k sampling)."""
         cfg, comm, wire = self.cfg, self.comm, self.wire
         b = len(tokens)
         x = self.embed(tokens) if comm.rank == 0 else np.empty((b, cfg.dim), F32)
-        comm.bcast_array(x)
+        comm.bcast_x(x, wire, K)
         scale = F32(1.0 / math.sqrt(self.hd))
         h = np.empty_like(x)
         for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
@@ -215,4 +221,25 @@ class RankModel:
         xs = np.ascontiguousarray(x[rows])
         hs = np.empty_like(xs)
         K.rmsnorm(xs, self.out_norm, F32(cfg.norm_eps), hs)
-        return comm.gather_rows(self.output(Activation(hs)), self.vocab_counts)
+        local = self.output(Activation(hs))
+        if not topk or comm.size == 1:
+            return comm.gather_rows(local, self.vocab_counts)
+        return self._gather_topk(local, topk)
+
+    def _gather_topk(self, local: np.ndarray, k: int):
+        v0 = sum(self.vocab_counts[: self.comm.rank])
+        n = local.shape[0]
+        k_here = min(k, local.shape[1])
+        ids = np.zeros((n, k), np.int32)
+        vals = np.full((n, k), -np.inf, F32)  # padding when this rank holds fewer than k rows
+        if k_here:
+            idx = np.argpartition(-local, k_here - 1, axis=1)[:, :k_here]
+            ids[:, :k_here] = idx + v0
+            vals[:, :k_here] = np.take_along_axis(local, idx, axis=1)
+        got = self.comm.gather_topk(vals, ids)
+        if got is None:
+            return None
+        vals, ids = got
+        out = np.full((n, self.cfg.vocab_size), -np.inf, F32)
+        np.put_along_axis(out, ids, vals, axis=1)
+        return out

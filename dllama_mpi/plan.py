@@ -200,7 +200,8 @@ def plan_job(cfg: ModelConfig, storage: Storage, nodes: int, max_seq_len: int | 
         sent, recv = sync_bytes_per_token(cfg, nodes, s.rank, vocab_parts, wire)
         ranks.append(RankPlan(s.rank, s, weights, embedding, kv, buffer_bytes(cfg, s, nodes, seq, s.rank == 0),
                               RUNTIME_BYTES, int(streamed), sent, recv))
-    per_token = 3 + 2 * L + 1 if nodes > 1 else 0  # header, entries, x broadcasts; 2 syncs a layer; logits
+    ring = wire == "q80" and nodes >= 3  # `--sync auto`: reduce-scatter + all-gather, two collectives a sync
+    per_token = 3 + 2 * L * (2 if ring else 1) + 1 if nodes > 1 else 0  # header, entries, x; syncs; logits
     return JobPlan(name, cfg, storage, nodes, seq, wire, ranks, per_token)
 
 
@@ -216,24 +217,35 @@ def buffer_bytes(cfg: ModelConfig, s: RankSlice, nodes: int, seq: int, root: boo
 
 
 def sync_bytes_per_token(cfg: ModelConfig, nodes: int, rank: int, vocab_parts: list[int],
-                         wire: str = "q80") -> tuple[int, int]:
-    """(sent, received) bytes of one decoded token on `rank`, counted as collectives.py does."""
+                         wire: str = "q80", sync: str = "auto", topk: int = 0) -> tuple[int, int]:
+    """(sent, received) bytes of one decoded token on `rank`, counted as collectives.py does:
+    the command header and the batch entries (16 B each), the embedded x (f32, or Q80 records
+    with the q80 wire), two per-layer syncs, and the logits (the rank's vocabulary slice as f32,
+    or its topk best as value + id pairs)."""
     if nodes == 1:
         return 0, 0
     n = nodes - 1
-    bcast = 16 + 16 + cfg.dim * 4  # command header, the batch's entries (4 int32), the embedded x
-    if wire == "q80":
-        sync = cfg.dim // 32 * 36 * n  # this rank's Q80 partial to each other rank; as many received
-        s_layer = r_layer = sync
+    q80 = lambda values: values // 32 * 36  # noqa: E731  (Q80 records: f32 scale + 32 int8)
+    x = q80(cfg.dim) if wire == "q80" else cfg.dim * 4
+    bcast = 16 + 16 + x
+    if wire == "f32":
+        s_layer = r_layer = 2 * cfg.dim * 4 * n // nodes  # MPI_Allreduce as reduce-scatter + all-gather
+    elif sync == "ring" or (sync == "auto" and nodes >= 3):
+        from .partition import split_even
+        chunks = [b - a for a, b in split_even(cfg.dim // 32, nodes)]
+        mine, total = chunks[rank] * 36, cfg.dim // 32 * 36
+        s_layer = (total - mine) + mine * n      # alltoall of the other ranks' chunks, all-gather of my sum
+        r_layer = mine * n + (total - mine)
     else:
-        s_layer = r_layer = 2 * cfg.dim * 4 * n // nodes  # reduce-scatter + all-gather
-    sent = recv = 2 * cfg.n_layers * s_layer
+        s_layer = r_layer = q80(cfg.dim) * n     # this rank's Q80 partial to each other rank
+    sent, recv = 2 * cfg.n_layers * s_layer, 2 * cfg.n_layers * r_layer
+    logits = (lambda r: topk * 8) if topk else (lambda r: 4 * vocab_parts[r])  # noqa: E731
     if rank == 0:
         sent += bcast * n
-        recv += 4 * sum(vocab_parts[1:])
+        recv += sum(logits(r) for r in range(1, nodes))
     else:
         recv += bcast
-        sent += 4 * vocab_parts[rank]
+        sent += logits(rank)
     return sent, recv
 
 

@@ -19,6 +19,11 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def candidates(self) -> int:
+        """How many best logits of each rank suffice to sample (0: all of them are needed)."""
+        return 1 if self.greedy else self.top_k
+
     def __call__(self, logits: np.ndarray) -> int:
         logits = np.asarray(logits, dtype=np.float64)
         if self.greedy:

@@ -276,5 +276,9 @@ class SliceFile:
         arrays = {k[len(path) + 1:]: v for k, v in self.arrays.items() if k.startswith(path + "/")}
         return str(at["kind"]), int(at["rows"]), int(at["cols"]), arrays
 
+    def weight_bytes(self) -> int:
+        """Bytes of the matrices this rank streams per token (the embedding is only looked up)."""
+        return sum(a.nbytes for name, a in self.arrays.items() if "kind" in self.attrs.get(name.rsplit("/", 1)[0], {}))
+
     def embedding(self) -> tuple[int, np.ndarray]:
         return int(self.attrs["tok_embd"]["ggml_type"]), self.arrays["tok_embd/raw"]

@@ -118,3 +118,14 @@ def silu_mul(a, b):
         for j in range(n):
             v = a[i, j]
             a[i, j] = v / (one + np.exp(-v)) * b[i, j]
+
+
+#pythran export read_sum(uint64[:])
+def read_sum(a):
+    """Sum of a large array: reads every byte once, so timing it measures memory read bandwidth
+    (the baseline `dllama-mpi bench` reports weight streaming against)."""
+    s = np.uint64(0)
+    #omp parallel for reduction(+:s)
+    for i in range(a.shape[0]):
+        s += a[i]
+    return s

@@ -300,8 +300,9 @@ def test_plan_llama31_8b_on_4_nodes():
     embedding = c.vocab_size * c.dim * 18 / 32
     assert sum(r["weight_bytes"] for r in p["ranks"]) == pytest.approx(weights, rel=1e-6)
     assert p["ranks"][0]["embedding_bytes"] == pytest.approx(embedding, rel=1e-6)
-    # sync per token: 2 Q80 all-gathers of dim values per layer, to 3 other ranks
-    sync = 2 * 32 * 4096 // 32 * 36 * 3
+    # sync per token at 4 ranks (ring): per layer 2 reduce-scatter + all-gather rounds, each moving
+    # 2 x 3/4 of the dim values' Q80 records (36 B per 32 values) in and out of every rank
+    sync = 2 * 32 * 2 * (4096 // 32 * 36 * 3 // 4)
     assert p["ranks"][1]["sent_per_token"] == sync + 4 * (c.vocab_size // 4)
     assert p["ranks"][0]["recv_per_token"] == sync + 4 * (c.vocab_size - c.vocab_size // 4)
     assert 0 < p["estimate"]["tokens_per_second"] < 10 / (weights / 4 / 1e9)

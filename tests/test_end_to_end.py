@@ -73,6 +73,23 @@ def test_one_and_three_ranks_generate_the_same(slices):
     assert one.stdout == three.stdout
 
 
+def test_top_k_sampling_is_the_same_on_one_and_three_ranks(slices):
+    """From 3 ranks only each rank's top-k logits travel; sampling must not notice."""
+    args = ["--prompt", "My favourite food is", "--steps", 24, "--temperature", 0.9, "--top-k", 5, "--seed", 3,
+            "--buffer-float-type", "f32"]
+    one = dllama("infer", "--model", slices("f32", 1), *args, np=1)
+    three = dllama("infer", "--model", slices("f32", 3), *args, np=3)
+    assert one.stdout.strip() and one.stdout == three.stdout
+    from dllama_mpi.config import SHAPES
+    from dllama_mpi.plan import sync_bytes_per_token
+    decode = three.stderr.split("decode: rank")[1].splitlines()[1:4]
+    sent = [float(line.split()[-2]) for line in decode]
+    cfg, parts = SHAPES["smollm2-135m"], [16384] * 3
+    for r in (1, 2):  # each worker sends its 5 best logits (value + id), not its 16,384
+        assert sent[r] == sync_bytes_per_token(cfg, 3, r, parts, "f32", topk=5)[0]
+        assert sent[r] < sync_bytes_per_token(cfg, 3, r, parts, "f32")[0]
+
+
 def test_runs_without_mpirun_as_one_rank(slices):
     single = dllama("infer", "--model", slices("auto", 1), "--prompt", "Paris is", "--steps", 8, "--temperature", 0)
     under = dllama("infer", "--model", slices("auto", 1), "--prompt", "Paris is", "--steps", 8, "--temperature", 0, np=1)

@@ -7,7 +7,7 @@ import pytest
 from helpers import BIN, TIMEOUT
 
 
-@pytest.mark.parametrize("n,wire", [(1, "f32"), (2, "q80"), (3, "f32")])
+@pytest.mark.parametrize("n,wire", [(1, "f32"), (2, "q80"), (3, "f32"), (3, "q80")])
 def test_two_sequences_in_one_batch_equal_separate_runs(n, wire, slices):
     script = __import__("pathlib").Path(__file__).parent / "batch_check.py"
     proc = subprocess.run([str(BIN / "mpirun"), "-np", str(n), str(BIN / "python"), str(script),

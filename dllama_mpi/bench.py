@@ -1,0 +1,196 @@
+"""`dllama-mpi bench`: decode and prefill speed on a slice set or on random weights of a named
+shape, next to the memory read bandwidth measured in the same run. Runs under mpirun like infer.
+
+Random weights are made per rank directly in the kernels' layout (no files); their values do not
+change the kernels' speed, only what the tokens are."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import numpy as np
+
+from . import partition, slicefile
+from .config import ModelConfig
+from .readers import expected_shape
+
+BLOCKS = {"q40": 16, "q41": 16, "q80": 32}  # bytes of quantized values per 32-block (the scales are f32)
+
+
+def random_matrix(kind: str, rows: int, cols: int, rng) -> dict:
+    """Arrays of a [rows, cols] matrix in the tiled kernel layout of `kind` (see quant.py)."""
+    ntile, nb = -(-rows // 64), cols // 32
+
+    def rand_bytes(shape, dtype):
+        n = int(np.prod(shape))
+        return np.frombuffer(rng.bytes(n), dtype).reshape(shape)
+
+    if kind == "f32":
+        return {"w": (rng.standard_normal((ntile, cols, 64), np.float32) * 0.02)}
+    scale = rng.uniform(0.002, 0.01, (ntile, nb, 64)).astype(np.float32)
+    out = {"wq": rand_bytes((ntile, nb, BLOCKS[kind], 64), np.uint8 if kind != "q80" else np.int8), "wd": scale}
+    if kind == "q41":
+        out["wm"] = -8 * scale
+    return out
+
+
+class RandomSlice:
+    """What a rank's slice file holds, for a named shape with random weights, made in memory."""
+
+    def __init__(self, cfg: ModelConfig, n: int, rank: int, kind: str, head: str, seed: int = 0):
+        self.config, self.n_ranks, self.rank = cfg, n, rank
+        self.plan = partition.plan(cfg, n)
+        self.digest, self.tokenizer_json, self.weight_types = "random", None, sorted({kind, head})
+        rng = np.random.default_rng(seed * 1000 + rank)
+        self.vectors, self.matrices = {}, {}
+        s = self.plan[rank]
+        for how, name in slicefile.tensor_plan(cfg):
+            if how == "replicated":
+                shape = expected_shape(cfg, name)
+                self.vectors[name] = (rng.standard_normal(shape, np.float32) * 0.02 if name.endswith("router")
+                                      else np.ones(shape, np.float32))
+            elif how == "rows":
+                (r0, r1), _ = slicefile._matrix_parts(cfg, name, s)
+                self.vectors[name] = np.zeros(r1 - r0, np.float32)
+            elif how == "matrix":
+                (r0, r1), (c0, c1) = slicefile._matrix_parts(cfg, name, s)
+                k = head if name == "output" else kind
+                self.matrices[name] = (k, r1 - r0, c1 - c0, random_matrix(k, r1 - r0, c1 - c0, rng))
+        # f32 embedding rows: only the first EMBED_ROWS are filled (bench tokens come from there),
+        # the rest stays untouched zero pages
+        self.embed = np.zeros((cfg.vocab_size, cfg.dim * 4), np.uint8) if rank == 0 else None
+        if rank == 0:
+            rows = min(EMBED_ROWS, cfg.vocab_size)
+            self.embed[:rows] = (rng.standard_normal((rows, cfg.dim), np.float32)).view(np.uint8)
+
+    @property
+    def slice(self):
+        return self.plan[self.rank]
+
+    def vector(self, name):
+        return self.vectors[name]
+
+    def matrix(self, name):
+        return self.matrices[name]
+
+    def embedding(self):
+        return 0, self.embed  # GGML type 0 = F32
+
+    def weight_bytes(self) -> int:
+        return sum(a.nbytes for _, _, _, arrays in self.matrices.values() for a in arrays.values())
+
+
+EMBED_ROWS = 1024
+
+
+def measure_bandwidth(kernels, comm, nbytes: int = 256 << 20, repeats: int = 5) -> list[float]:
+    """Read bandwidth (bytes/s) of this rank with its threads, all ranks reading at the same
+    time (they share the machine's memory); one number per repeat.
+
+    Measured in a forked child, so the buffer (8x the L3 cache here) never counts in the rank's
+    peak RSS. Call it before the rank's first OpenMP kernel: libgomp's threads do not survive fork."""
+    import os
+    import struct
+    comm.comm.Barrier()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no MPI here
+        try:
+            a = np.ones(nbytes // 8, np.uint64)
+            kernels.read_sum(a)  # fault the pages in
+            out = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                kernels.read_sum(a)
+                out.append(a.nbytes / (time.perf_counter() - t0))
+            os.write(wfd, struct.pack(f"{repeats}d", *out))
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 4096):
+        data += chunk
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    if len(data) != 8 * repeats:
+        raise RuntimeError("the bandwidth measurement failed")
+    return list(struct.unpack(f"{repeats}d", data))
+
+
+def run(engine, runs: int, prompt: int, steps: int, seed: int = 0) -> dict:
+    """Root: `runs` times, prefill a random prompt of `prompt` tokens, then decode `steps`
+    greedy tokens after it. Returns per-run tok/s."""
+    from .generate import prefill
+    rng = np.random.default_rng(seed)
+    out = {"prefill_tok_s": [], "decode_tok_s": []}
+    for _ in range(runs):
+        ids = rng.integers(0, min(EMBED_ROWS, engine.config.vocab_size), prompt).tolist()
+        t0 = time.perf_counter()
+        logits = prefill(engine, ids)
+        out["prefill_tok_s"].append(prompt / (time.perf_counter() - t0))
+        token = int(np.argmax(logits)) % EMBED_ROWS
+        t0 = time.perf_counter()
+        for i in range(steps):
+            logits = engine.forward([token], [0], [prompt + i], [1], phase="decode", topk=1)[0]  # greedy
+            token = int(np.argmax(logits)) % EMBED_ROWS
+        out["decode_tok_s"].append(steps / (time.perf_counter() - t0))
+    return out
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def report(name: str, kinds: str, wire: str, threads: int, speeds: dict, bandwidth: list[list[float]],
+           weight_bytes: list[int], stats: list[dict]) -> dict:
+    """The result object (what --json prints) and the text lines, from the root's view."""
+    dec, pre = summary(speeds["decode_tok_s"]), summary(speeds["prefill_tok_s"])
+    bw_runs = [sum(r) for r in zip(*bandwidth)]  # all ranks read at once: the machine's bandwidth
+    bw = statistics.median(bw_runs)
+    per_token = sum(weight_bytes)
+    weight_bps = per_token * dec["median"]
+    ranks = len(stats)
+    res = {
+        "shape": name, "weights": kinds, "sync": wire, "ranks": ranks, "threads": threads,
+        "decode_tok_s": dec["median"], "decode_runs": dec["runs"],
+        "prefill_tok_s": pre["median"], "prefill_runs": pre["runs"],
+        "weight_bytes_per_token": per_token, "weight_gb_s": weight_bps / 1e9,
+        "bandwidth_gb_s": bw / 1e9, "bandwidth_runs_gb_s": [b / 1e9 for b in bw_runs],
+        "bandwidth_ratio": weight_bps / bw,
+        "sent_bytes_per_token": [], "recv_bytes_per_token": [], "compute_ms_per_token": [],
+        "sync_ms_per_token": [], "peak_rss_bytes": [],
+    }
+    for s in stats:
+        d = s["phases"]["decode"]
+        n = max(d["tokens"], 1)
+        res["sent_bytes_per_token"].append(d["sent"] / n)
+        res["recv_bytes_per_token"].append(d["recv"] / n)
+        res["compute_ms_per_token"].append(1e3 * (d["seconds"] - d["mpi_seconds"]) / n)
+        res["sync_ms_per_token"].append(1e3 * d["mpi_seconds"] / n)
+        res["peak_rss_bytes"].append(s["peak_rss"])
+    return res
+
+
+def text(res: dict) -> str:
+    spread = lambda runs: f"min {min(runs):.1f}, max {max(runs):.1f} over {len(runs)} runs"  # noqa: E731
+    lines = [
+        f"bench: {res['shape']}, weights {res['weights']}, sync {res['sync']}, {res['ranks']} rank(s) x "
+        f"{res['threads']} thread(s)",
+        f"memory read bandwidth (all ranks reading at once): {res['bandwidth_gb_s']:.1f} GB/s "
+        f"({spread(res['bandwidth_runs_gb_s'])})",
+        f"decode:  {res['decode_tok_s']:.1f} tok/s median ({spread(res['decode_runs'])})",
+        f"         weights {res['weight_bytes_per_token'] / 1e6:.0f} MB/token -> {res['weight_gb_s']:.1f} GB/s = "
+        f"{100 * res['bandwidth_ratio']:.0f}% of the measured bandwidth",
+        f"prefill: {res['prefill_tok_s']:.1f} tok/s median ({spread(res['prefill_runs'])})",
+        "decode per token: rank  compute ms  sync ms  sent B  recv B  peak RSS",
+    ]
+    for r in range(res["ranks"]):
+        lines.append(f"                  {r:4d} {res['compute_ms_per_token'][r]:11.2f} {res['sync_ms_per_token'][r]:8.2f}"
+                     f" {res['sent_bytes_per_token'][r]:7.0f} {res['recv_bytes_per_token'][r]:7.0f}"
+                     f" {res['peak_rss_bytes'][r] / 2**20:6.0f} MiB")
+    return "\n".join(lines)
+
+
+def to_json(res: dict) -> str:
+    return json.dumps(res)
