@@ -182,7 +182,7 @@ class RankModel:
         cfg, comm, wire = self.cfg, self.comm, self.wire
         b = len(tokens)
         x = self.embed(tokens) if comm.rank == 0 else np.empty((b, cfg.dim), F32)
-        comm.bcast_x(x, wire, K)
+        comm.bcast_x(x, wire)
         scale = F32(1.0 / math.sqrt(self.hd))
         h = np.empty_like(x)
         for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache):

@@ -219,14 +219,14 @@ def buffer_bytes(cfg: ModelConfig, s: RankSlice, nodes: int, seq: int, root: boo
 def sync_bytes_per_token(cfg: ModelConfig, nodes: int, rank: int, vocab_parts: list[int],
                          wire: str = "q80", sync: str = "auto", topk: int = 0) -> tuple[int, int]:
     """(sent, received) bytes of one decoded token on `rank`, counted as collectives.py does:
-    the command header and the batch entries (16 B each), the embedded x (f32, or Q80 records
-    with the q80 wire), two per-layer syncs, and the logits (the rank's vocabulary slice as f32,
-    or its topk best as value + id pairs)."""
+    the command header and the batch entries (16 B each), the embedded x (f32, or f16 with the
+    q80 wire), two per-layer syncs, and the logits (the rank's vocabulary slice as f32, or its
+    topk best as value + id pairs)."""
     if nodes == 1:
         return 0, 0
     n = nodes - 1
     q80 = lambda values: values // 32 * 36  # noqa: E731  (Q80 records: f32 scale + 32 int8)
-    x = q80(cfg.dim) if wire == "q80" else cfg.dim * 4
+    x = cfg.dim * (2 if wire == "q80" else 4)
     bcast = 16 + 16 + x
     if wire == "f32":
         s_layer = r_layer = 2 * cfg.dim * 4 * n // nodes  # MPI_Allreduce as reduce-scatter + all-gather
