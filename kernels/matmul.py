@@ -140,6 +140,8 @@ def matmul_q40(wq, wd, qx, dx, out):
                 out[b, r0 + r] = acc[b, r]
 
 
+# matmul_q41 repeats matmul_q40's nibble dot products on purpose: moved into a shared helper
+# function they ran ~10% slower (measured A/B on 2048x2048 and 8192x2048, B = 1 and 16).
 def matmul_q41(wq, wd, wm, qx, dx, sx, out):
     """Block term = float32(dot) * (d * dx) + m * (dx * float32(sx)), dot = sum_j q_j x_j."""
     ntile = wq.shape[0]
