@@ -118,6 +118,25 @@ def measure_bandwidth(kernels, comm, nbytes: int = 256 << 20, repeats: int = 5) 
     return list(struct.unpack(f"{repeats}d", data))
 
 
+def kernel_streaming(kernels, nbytes: int = 256 << 20, repeats: int = 3) -> float:
+    """Bytes/s at which this process's q40 matmul streams one token's weights (B = 1) from a
+    matrix 8x the L3 cache: the per-rank speed `plan` turns into an estimate by default."""
+    cols = 4096
+    rows = nbytes // (cols // 32 * 20)
+    rng = np.random.default_rng(0)
+    m = random_matrix("q40", rows, cols, rng)
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    qx, dx = np.empty((1, cols // 32, 32), np.int8), np.empty((1, cols // 32), np.float32)
+    kernels.quantize_q80(x, qx, dx, np.empty((1, cols // 32), np.int32))
+    out = np.empty((1, rows), np.float32)
+    times = []
+    for _ in range(repeats + 1):  # the first call faults the pages in
+        t0 = time.perf_counter()
+        kernels.matmul_q40(m["wq"], m["wd"], qx, dx, out)
+        times.append(time.perf_counter() - t0)
+    return (m["wq"].nbytes + m["wd"].nbytes) / statistics.median(times[1:])
+
+
 def run(engine, runs: int, prompt: int, steps: int, seed: int = 0) -> dict:
     """Root: `runs` times, prefill a random prompt of `prompt` tokens, then decode `steps`
     greedy tokens after it. Returns per-run tok/s."""

@@ -421,7 +421,7 @@ def perplexity(path, **opts):
 @click.option("--latency-us", type=click.FloatRange(0, None), default=None,
               help="Latency per MPI message [default: 50 µs at 1gbit, 20 µs at 10gbit].")
 @click.option("--bandwidth", type=click.FloatRange(0, None, min_open=True), default=None, metavar="GB/s",
-              help="Memory bandwidth a rank streams weights at [default: measured here with numpy].")
+              help="Speed a rank streams weights at [default: the q40 kernel, measured here on one thread].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_cmd(model, shape, nodes, weights_float_type, head_float_type, ram_per_node, max_seq_len,
              buffer_float_type, link, latency_us, bandwidth, as_json):
@@ -438,7 +438,13 @@ def plan_cmd(model, shape, nodes, weights_float_type, head_float_type, ram_per_n
         fail(str(e))
     if latency_us is None:
         latency_us = P.LINK_LATENCY_US.get(link.lower().strip(), 50.0 if link_bits <= 1e9 else 20.0)
-    bw = bandwidth * 1e9 if bandwidth else P.measure_bandwidth()
+    if bandwidth:
+        bw = bandwidth * 1e9
+    else:  # how fast one rank's kernel streams weights here, one thread (unless OMP_NUM_THREADS says)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        from . import kernels
+        from .bench import kernel_streaming
+        bw = kernel_streaming(kernels)
     est = P.estimate(job, bw, link_bits, latency_us)
     click.echo(P.to_json(job, est, ram) if as_json else P.report(job, est, ram, link))
 

@@ -5,7 +5,7 @@ are read (a model file or slice set is opened for its header only). The byte cou
 slice file (`slicefile.py`) and the byte accounting of `collectives.py` exactly; the RAM total
 adds an estimate of buffers and of the Python runtime; the speed is a model, labelled as such:
 
-    token time = max over ranks (weight bytes / memory bandwidth)
+    token time = max over ranks (weight bytes / weight streaming speed)
                + max over ranks (sync bytes / link rate) + collectives x hops x latency
 
 Weights are memory-mapped, not loaded: they count towards RAM because a rank reads all of them
@@ -18,9 +18,7 @@ import json
 import math
 import pathlib
 import re
-import time
 
-import numpy as np
 
 from .config import SHAPES, ModelConfig
 from .partition import RankSlice, plan as partition_plan
@@ -267,18 +265,6 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
-def measure_bandwidth(nbytes: int = 128 << 20, repeats: int = 3) -> float:
-    """Bytes/s one core reads with numpy (sum of a float32 array larger than the caches): a
-    stand-in for how fast the matmul kernels stream weights on this machine."""
-    a = np.ones(nbytes // 4, np.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
-
-
 @dataclasses.dataclass
 class Estimate:
     compute_s: list[float]   # per rank
@@ -391,7 +377,7 @@ def report(job: JobPlan, est: Estimate | None, ram: int | None, link_name: str) 
         lines.append(f"ESTIMATE (a model, not a measurement): {est.tokens_per_second:.2f} tok/s decode "
                      f"({1e3 * est.token_seconds:.1f} ms/token)")
         lines.append(f"  compute {1e3 * max(est.compute_s):.1f} ms = slowest rank's weights / "
-                     f"{est.bandwidth / 1e9:.1f} GB/s memory bandwidth per rank")
+                     f"{est.bandwidth / 1e9:.1f} GB/s weight streaming per rank")
         lines.append(f"  link {1e3 * max(est.link_s):.2f} ms = sync bytes / {link_name} "
                      f"+ latency {1e3 * est.latency_s:.2f} ms = {job.collectives_per_token} collectives x "
                      f"{math.ceil(math.log2(job.nodes)) if job.nodes > 1 else 0} hop(s) x {est.latency_us:g} µs")
