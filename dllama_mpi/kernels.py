@@ -11,7 +11,6 @@ hundreds of times slower, so a missing build is an error.
 """
 from __future__ import annotations
 
-import os
 
 try:
     from dllama_mpi import _matmul, _ops
@@ -36,24 +35,8 @@ read_sum = _ops.read_sum
 
 __all__ = [
     "quantize_q80", "matmul_q40", "matmul_q41", "matmul_q80", "matmul_f32", "dequant_sum_q80",
-    "rmsnorm", "rope", "attention", "silu_mul", "set_threads", "get_threads",
+    "rmsnorm", "rope", "attention", "silu_mul", "read_sum",
 ]
-
-
-def set_threads(n: int) -> None:
-    """Number of OpenMP threads used by the kernels.
-
-    The OpenMP runtime reads OMP_NUM_THREADS once, when it initializes (at the first parallel
-    region after this module is imported), so the caller must set it *before* importing
-    dllama_mpi.kernels: the CLI does `os.environ["OMP_NUM_THREADS"] = str(n)` first. With one MPI
-    rank per core use 1 thread per rank (two threads on a core shared with another rank are
-    catastrophically slow). This function only sets the environment variable; calling it after
-    the first kernel call has no effect on the running process.
-    """
-    os.environ["OMP_NUM_THREADS"] = str(int(n))
-
-
-def get_threads() -> int | None:
-    """The OMP_NUM_THREADS setting, or None if unset (OpenMP then uses all cores)."""
-    v = os.environ.get("OMP_NUM_THREADS")
-    return int(v) if v else None
+# Threads: the OpenMP runtime reads OMP_NUM_THREADS once, at the first parallel region, so the
+# caller sets it before importing this module (the CLI does, from --nthreads). With one MPI rank
+# per core use 1 thread per rank: two threads on a core shared with another rank are very slow.

@@ -16,7 +16,7 @@
     and `quantize_q80_ref` / `dequant_sum_q80_ref` are bit-exact (same integer dot per block, same
     float32 operation order); the others are float64 references for tolerance checks.
 
-(c) Q80 wire helpers for exchanging quantized activation vectors between ranks.
+(The Q80 wire format between ranks lives in collectives.py, next to the MPI calls that use it.)
 """
 from __future__ import annotations
 
@@ -342,33 +342,3 @@ def silu_mul_ref(a, b) -> np.ndarray:
     a = np.asarray(a, np.float64)
     return (a / (1.0 + np.exp(-a)) * b).astype(np.float32)
 
-
-# --------------------------------------------------------------------------------------------
-# (c) Q80 wire codec: a vector batch x float32[B, n] travels as qx bytes then dx bytes
-# --------------------------------------------------------------------------------------------
-
-def q80_wire_nbytes(B: int, n: int) -> int:
-    """Bytes of one encoded float32[B, n] batch: B*n int8 values + B*n/32 float32 scales."""
-    return B * n + B * (n // QK) * 4
-
-
-def q80_wire_pack(qx: np.ndarray, dx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """(qx int8[B, nb, 32], dx float32[B, nb]) -> uint8[nbytes] (qx bytes, then dx bytes)."""
-    nq = qx.size
-    if out is None:
-        out = np.empty(nq + dx.size * 4, np.uint8)
-    out[:nq] = qx.reshape(-1).view(np.uint8)
-    out[nq:] = np.ascontiguousarray(dx, np.float32).reshape(-1).view(np.uint8)
-    return out
-
-
-def q80_wire_unpack(buf: np.ndarray, B: int, n: int):
-    """uint8 [N, nbytes] (N packed messages, e.g. an all-gather receive buffer) or uint8 [nbytes]
-    -> contiguous (qx int8[N, B, nb, 32], dx float32[N, B, nb]) ready for dequant_sum_q80."""
-    nb = n // QK
-    buf = np.asarray(buf, np.uint8).reshape(-1, q80_wire_nbytes(B, n))
-    N = buf.shape[0]
-    nq = B * n
-    qx = np.ascontiguousarray(buf[:, :nq]).view(np.int8).reshape(N, B, nb, QK)
-    dx = np.ascontiguousarray(buf[:, nq:]).view(np.float32).reshape(N, B, nb)
-    return qx, dx

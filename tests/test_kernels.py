@@ -203,24 +203,6 @@ def test_dequant_sum_q80_exact(N, B):
     np.testing.assert_allclose(out, np.sum(parts, axis=0), rtol=0, atol=N * 0.01 * np.abs(parts).max())
 
 
-def test_q80_wire_roundtrip():
-    r = rng("wire")
-    B, n, N = 3, 96, 4
-    msgs, xs = [], []
-    for _ in range(N):
-        x = rand_x(r, B, n)
-        qx, dx, _ = q80(x)
-        msgs.append(Q.q80_wire_pack(qx, dx))
-        xs.append((qx, dx))
-    assert msgs[0].nbytes == Q.q80_wire_nbytes(B, n)
-    qx, dx = Q.q80_wire_unpack(np.stack(msgs), B, n)
-    for i in range(N):
-        np.testing.assert_array_equal(qx[i], xs[i][0])
-        np.testing.assert_array_equal(dx[i], xs[i][1])
-    out = np.empty((B, n), np.float32)
-    K.dequant_sum_q80(qx, dx, out)
-
-
 # --------------------------------------------------------------------------- layout from raw GGML blocks
 
 @pytest.mark.parametrize("qtype", ["q40", "q41", "q80"])
