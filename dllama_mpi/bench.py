@@ -15,7 +15,8 @@ from . import partition, slicefile
 from .config import ModelConfig
 from .readers import expected_shape
 
-BLOCKS = {"q40": 16, "q41": 16, "q80": 32}  # bytes of quantized values per 32-block (the scales are f32)
+# per 32-block: (values' shape, dtype) in the kernel layout (the scales are float32)
+BLOCKS = {"q40": ((8,), np.uint16), "q41": ((8,), np.uint16), "q80": ((32,), np.int8)}
 
 
 def random_matrix(kind: str, rows: int, cols: int, rng) -> dict:
@@ -23,13 +24,14 @@ def random_matrix(kind: str, rows: int, cols: int, rng) -> dict:
     ntile, nb = -(-rows // 64), cols // 32
 
     def rand_bytes(shape, dtype):
-        n = int(np.prod(shape))
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return np.frombuffer(rng.bytes(n), dtype).reshape(shape)
 
     if kind == "f32":
         return {"w": (rng.standard_normal((ntile, cols, 64), np.float32) * 0.02)}
     scale = rng.uniform(0.002, 0.01, (ntile, nb, 64)).astype(np.float32)
-    out = {"wq": rand_bytes((ntile, nb, BLOCKS[kind], 64), np.uint8 if kind != "q80" else np.int8), "wd": scale}
+    shape, dtype = BLOCKS[kind]
+    out = {"wq": rand_bytes((ntile, nb) + shape + (64,), dtype), "wd": scale}
     if kind == "q41":
         out["wm"] = -8 * scale
     return out
@@ -126,13 +128,14 @@ def kernel_streaming(kernels, nbytes: int = 256 << 20, repeats: int = 3) -> floa
     rng = np.random.default_rng(0)
     m = random_matrix("q40", rows, cols, rng)
     x = rng.standard_normal((1, cols)).astype(np.float32)
-    qx, dx = np.empty((1, cols // 32, 32), np.int8), np.empty((1, cols // 32), np.float32)
-    kernels.quantize_q80(x, qx, dx, np.empty((1, cols // 32), np.int32))
+    nb = cols // 32
+    dx, sx, xc = np.empty((1, nb), np.float32), np.empty((1, nb), np.int32), np.empty((1, nb, 8, 4), np.int16)
+    kernels.quantize_q80(x, np.empty((1, nb, 32), np.int8), dx, sx, xc)
     out = np.empty((1, rows), np.float32)
     times = []
     for _ in range(repeats + 1):  # the first call faults the pages in
         t0 = time.perf_counter()
-        kernels.matmul_q40(m["wq"], m["wd"], qx, dx, out)
+        kernels.matmul_q40([m["wq"]], [m["wd"]], xc, sx, dx, [out])
         times.append(time.perf_counter() - t0)
     return (m["wq"].nbytes + m["wd"].nbytes) / statistics.median(times[1:])
 

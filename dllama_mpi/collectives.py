@@ -13,6 +13,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from .buffers import Buffers
 from .partition import split_even
 
 Q80_BLOCK = 32
@@ -38,6 +39,7 @@ class Collectives:
         self.size = self.comm.Get_size()
         self.phases = {}        # phase name -> Counters
         self.phase = "setup"
+        self.bufs = Buffers()
 
     # -- accounting -------------------------------------------------------------------------
     def set_phase(self, name: str) -> None:
@@ -78,16 +80,14 @@ class Collectives:
     # -- Q80 on the wire ---------------------------------------------------------------------
     # A Q80 record is one 32-value block: a float32 scale then 32 int8 values (36 bytes).
 
-    @staticmethod
-    def _q80_encode(x: np.ndarray, kernels) -> np.ndarray:
-        """[B, n] float32 -> [B, n/32, 36] uint8 records."""
+    def _q80_encode(self, x: np.ndarray, kernels, name: str = "rec") -> np.ndarray:
+        """[B, n] float32 -> [B, n/32, 36] uint8 records (a reused buffer under `name`)."""
         b, n = x.shape
         nb = n // Q80_BLOCK
-        qx = np.empty((b, nb, Q80_BLOCK), np.int8)
-        dx = np.empty((b, nb), np.float32)
+        qx, dx, sx, xc = self.bufs.q80(name + ".q80", b, n)
         if nb:
-            kernels.quantize_q80(x, qx, dx, np.empty((b, nb), np.int32))
-        rec = np.empty((b, nb, Q80_BYTES), np.uint8)
+            kernels.quantize_q80(x, qx, dx, sx, xc)
+        rec = self.bufs(name, (b, nb, Q80_BYTES), np.uint8)
         rec[:, :, :4] = dx.view(np.uint8).reshape(b, nb, 4)
         rec[:, :, 4:] = qx.view(np.uint8)
         return rec
@@ -132,7 +132,7 @@ class Collectives:
             return
         rec = self._q80_encode(x, kernels)
         if self.sync_mode(n) == "allgather":
-            recv = np.empty((n,) + rec.shape, np.uint8)
+            recv = self.bufs("recv", (n,) + rec.shape, np.uint8)
             t0 = time.perf_counter()
             self.comm.Allgather(rec, recv)
             self._count(rec.nbytes * (n - 1), rec.nbytes * (n - 1), t0)
@@ -150,7 +150,7 @@ class Collectives:
         self._count(sum(scounts) - scounts[self.rank], mine * (n - 1), t0)
         part = np.zeros((b, (c1 - c0) * Q80_BLOCK), np.float32)
         self._q80_sum(recv.reshape(n, b, c1 - c0, Q80_BYTES), part, kernels)
-        mine_rec = self._q80_encode(part, kernels)
+        mine_rec = self._q80_encode(part, kernels, "mine")
         gathered = np.empty(sum(scounts), np.uint8)
         t0 = time.perf_counter()
         self.comm.Allgatherv(mine_rec.ravel(), [gathered, scounts, _displs(scounts), MPI.BYTE])

@@ -30,12 +30,13 @@ dequant_sum_q80 = _matmul.dequant_sum_q80
 rmsnorm = _ops.rmsnorm
 rope = _ops.rope
 attention = _ops.attention
+kv_store = _ops.kv_store
 silu_mul = _ops.silu_mul
 read_sum = _ops.read_sum
 
 __all__ = [
     "quantize_q80", "matmul_q40", "matmul_q41", "matmul_q80", "matmul_f32", "dequant_sum_q80",
-    "rmsnorm", "rope", "attention", "silu_mul", "read_sum",
+    "rmsnorm", "rope", "attention", "kv_store", "silu_mul", "read_sum",
 ]
 # Threads: the OpenMP runtime reads OMP_NUM_THREADS once, at the first parallel region, so the
 # caller sets it before importing this module (the CLI does, from --nthreads). With one MPI rank

@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 
 from . import kernels as K
+from .buffers import Buffers
 from .collectives import Collectives
 from .slicefile import SliceFile
 
@@ -18,62 +19,66 @@ F32 = np.float32
 
 
 class Activation:
-    """An input vector batch [B, n] with its Q80 encoding made once, on first use."""
+    """An input batch x [B, n] and its Q80 encoding (made once, on first use, into buffers)."""
 
-    def __init__(self, x: np.ndarray):
-        self.x = x
+    def __init__(self, x: np.ndarray, bufs: Buffers, name: str):
+        self.x, self.bufs, self.name = x, bufs, name
         self._q80 = None
 
     def q80(self):
+        """(qx, dx, sx, xc): see kernels/matmul.py."""
         if self._q80 is None:
-            b, n = self.x.shape
-            qx = np.empty((b, n // 32, 32), np.int8)
-            dx = np.empty((b, n // 32), F32)
-            sx = np.empty((b, n // 32), np.int32)
-            K.quantize_q80(self.x, qx, dx, sx)
-            self._q80 = (qx, dx, sx)
+            self._q80 = self.bufs.q80(self.name + ".q80", *self.x.shape)
+            K.quantize_q80(self.x, *self._q80)
         return self._q80
 
 
 class Linear:
-    """y = W x for this rank's part of a matrix, in the kernel layout of its kind."""
+    """y_i = W_i x for this rank's parts of one or more matrices that share their input (wq, wk,
+    wv; w1, w3): one kernel call per weight kind, over the tiles of all of them, so that small
+    matrices still use every thread and a layer makes few calls."""
 
-    def __init__(self, kind: str, rows: int, cols: int, arrays: dict):
-        self.kind, self.rows, self.cols, self.a = kind, rows, cols, arrays
+    def __init__(self, *mats):
+        self.rows = [rows for _, rows, _, _ in mats]
+        self.by_kind = {}   # kind -> (indices, kernel arguments: lists of arrays)
+        for i, (kind, _, _, a) in enumerate(mats):
+            if kind not in ("q40", "q41", "q80", "f32"):
+                raise ValueError(f"unknown matrix kind {kind}")
+            idx, args = self.by_kind.setdefault(kind, ([], {}))
+            idx.append(i)
+            for name, arr in a.items():
+                args.setdefault(name, []).append(arr)
 
-    def __call__(self, act: Activation) -> np.ndarray:
-        out = np.empty((act.x.shape[0], self.rows), F32)
-        if self.rows == 0:
-            return out
-        if self.cols == 0:  # this rank holds no input columns: its partial sum is zero
-            out.fill(0)
-            return out
-        a = self.a
-        if self.kind == "f32":
-            K.matmul_f32(a["w"], act.x, out)
-            return out
-        qx, dx, sx = act.q80()
-        if self.kind == "q40":
-            K.matmul_q40(a["wq"], a["wd"], qx, dx, out)
-        elif self.kind == "q41":
-            K.matmul_q41(a["wq"], a["wd"], a["wm"], qx, dx, sx, out)
-        elif self.kind == "q80":
-            K.matmul_q80(a["wq"], a["wd"], qx, dx, out)
-        else:
-            raise ValueError(f"unknown matrix kind {self.kind}")
-        return out
+    def __call__(self, act: Activation, outs: list) -> list:
+        """Writes W_i x into outs[i] ([B, rows_i] float32) and returns outs."""
+        for kind, (idx, a) in self.by_kind.items():
+            o = [outs[i] for i in idx]
+            if kind == "f32":
+                K.matmul_f32(a["w"], act.x, o)
+                continue
+            qx, dx, sx, xc = act.q80()
+            if kind == "q40":
+                K.matmul_q40(a["wq"], a["wd"], xc, sx, dx, o)
+            elif kind == "q41":
+                K.matmul_q41(a["wq"], a["wd"], a["wm"], xc, sx, dx, o)
+            else:
+                K.matmul_q80(a["wq"], a["wd"], qx, dx, o)
+        return outs
 
 
 class FFN:
     """SwiGLU feed-forward over this rank's rows: W2 (silu(W1 h) * W3 h)."""
 
     def __init__(self, sf: SliceFile, prefix: str):
-        self.w1, self.w2, self.w3 = (Linear(*sf.matrix(prefix + w)) for w in ("w1", "w2", "w3"))
+        self.w13 = Linear(sf.matrix(prefix + "w1"), sf.matrix(prefix + "w3"))
+        self.w2 = Linear(sf.matrix(prefix + "w2"))
+        self.hidden = self.w13.rows[0]
 
-    def __call__(self, act: Activation) -> np.ndarray:
-        gate = self.w1(act)
-        K.silu_mul(gate, self.w3(act))
-        return self.w2(Activation(gate))
+    def __call__(self, act: Activation, out: np.ndarray) -> np.ndarray:
+        b, bufs = act.x.shape[0], act.bufs
+        gate, up = self.w13(act, [bufs("gate", (b, self.hidden)), bufs("up", (b, self.hidden))])
+        K.silu_mul(gate, up)
+        return self.w2(Activation(gate, bufs, "gate"), [out])[0]
 
 
 class Layer:
@@ -82,7 +87,8 @@ class Layer:
         p = f"layers.{l}."
         vec = lambda name: np.asarray(sf.vector(p + name))  # noqa: E731
         self.attn_norm, self.ffn_norm = vec("attn_norm"), vec("ffn_norm")
-        self.wq, self.wk, self.wv, self.wo = (Linear(*sf.matrix(p + w)) for w in ("wq", "wk", "wv", "wo"))
+        self.qkv = Linear(*(sf.matrix(p + w) for w in ("wq", "wk", "wv")))
+        self.wo = Linear(sf.matrix(p + "wo"))
         # Qwen2: q/k/v biases (this rank's rows); Qwen3: per-head RMSNorm of q and k
         self.bq, self.bk, self.bv = (vec(b) for b in ("bq", "bk", "bv")) if cfg.attn_bias else (None,) * 3
         self.q_norm, self.k_norm = (vec("q_norm"), vec("k_norm")) if cfg.qk_norm else (None, None)
@@ -94,13 +100,15 @@ class Layer:
 
 
 def kv_cache(n_layers: int, shape: tuple, storage: str, kv_dir, rank: int):
-    """Per-layer K and V arrays of `shape`, float32.
+    """Per-layer K and V arrays, float32: V of `shape` [slots, kv heads, positions, head_dim], K
+    the same with the last two axes swapped (keys transposed: see kernels/ops.py attention).
 
     memory: np.zeros maps untouched pages lazily, so memory grows with the positions used.
     disk: all layers' K and V in one memory-mapped file in kv_dir (default $TMPDIR), so the
     page cache may evict it. The file is unlinked as soon as it is mapped: it takes disk space
     until the process ends (however it ends) and is never left behind."""
     per_layer = int(np.prod(shape))
+    kshape = shape[:2] + (shape[3], shape[2])
     if storage == "disk" and per_layer:
         import mmap
         import os
@@ -119,9 +127,9 @@ def kv_cache(n_layers: int, shape: tuple, storage: str, kv_dir, rank: int):
         finally:
             os.close(fd)
             os.unlink(path)
-        return list(buf[0]), list(buf[1])
+        return [k.reshape(kshape) for k in buf[0]], list(buf[1])
     if storage in ("memory", "disk"):
-        return [np.zeros(shape, F32) for _ in range(n_layers)], [np.zeros(shape, F32) for _ in range(n_layers)]
+        return [np.zeros(kshape, F32) for _ in range(n_layers)], [np.zeros(shape, F32) for _ in range(n_layers)]
     raise ValueError(f"unknown KV cache storage {storage!r}: use memory or disk")
 
 
@@ -135,7 +143,8 @@ class RankModel:
         self.kv_of_head = np.asarray(s.kv_of_head(cfg), np.int32)
         self.layers = [Layer(sf, l) for l in range(cfg.n_layers)]
         self.out_norm = np.asarray(sf.vector("out_norm"))
-        self.output = Linear(*sf.matrix("output"))
+        self.output = Linear(sf.matrix("output"))
+        self.bufs = Buffers()
         self.vocab_counts = [v1 - v0 for (v0, v1) in (r.vocab for r in sf.plan)]
         self.embedding = sf.embedding() if comm.rank == 0 else None
         angles = np.arange(max_seq_len, dtype=np.float64)[:, None] * cfg.rope_inv_freq()[None, :]
@@ -170,7 +179,8 @@ class RankModel:
         part = np.zeros_like(act.x)
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)
-            y = layer.experts[e](Activation(np.ascontiguousarray(act.x[rows])))
+            x = np.ascontiguousarray(act.x[rows])
+            y = layer.experts[e](Activation(x, self.bufs, "expert"), np.empty_like(x))
             part[rows] += y * weight[rows, slot][:, None].astype(F32)
         return part
 
@@ -179,17 +189,22 @@ class RankModel:
         want != 0 come back on the root ([n_want, vocab]), None elsewhere. topk > 0: only each
         rank's topk best logits travel; the others come back as -inf (enough for greedy and
         top-k sampling)."""
-        cfg, comm, wire = self.cfg, self.comm, self.wire
+        cfg, comm, wire, bufs = self.cfg, self.comm, self.wire, self.bufs
         b = len(tokens)
-        x = self.embed(tokens) if comm.rank == 0 else np.empty((b, cfg.dim), F32)
+        x = bufs("x", (b, cfg.dim))
+        if comm.rank == 0:
+            x[...] = self.embed(tokens)
         comm.bcast_x(x, wire)
         scale = F32(1.0 / math.sqrt(self.hd))
-        h = np.empty_like(x)
+        eps = F32(cfg.norm_eps)
+        h = bufs("h", (b, cfg.dim))
+        part = bufs("part", (b, cfg.dim))
+        qkv = [bufs("q", (b, self.nh * self.hd)), bufs("k", (b, self.nkv * self.hd)), bufs("v", (b, self.nkv * self.hd))]
+        att = bufs("att", (b, self.nh, self.hd))
         for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             # attention: this rank's query heads and the KV heads they read
-            K.rmsnorm(x, layer.attn_norm, F32(cfg.norm_eps), h)
-            act = Activation(h)
-            q, k, v = layer.wq(act), layer.wk(act), layer.wv(act)
+            K.rmsnorm(x, layer.attn_norm, eps, h)
+            q, k, v = layer.qkv(Activation(h, bufs, "h"), qkv)
             if cfg.attn_bias:
                 q += layer.bq
                 k += layer.bk
@@ -197,31 +212,33 @@ class RankModel:
             q = q.reshape(b, self.nh, self.hd)
             k = k.reshape(b, self.nkv, self.hd)
             v = v.reshape(b, self.nkv, self.hd)
-            att = np.zeros((b, self.nh, self.hd), F32)
             if self.nh:
                 if cfg.qk_norm:
                     q = self._head_norm(q, layer.q_norm)
                     k = self._head_norm(k, layer.k_norm)
                 K.rope(q, pos, self.cos, self.sin, cfg.rope_interleaved)
                 K.rope(k, pos, self.cos, self.sin, cfg.rope_interleaved)
-                kc[slots, :, pos] = k
-                vc[slots, :, pos] = v
+                K.kv_store(k, v, slots, pos, kc, vc)
                 K.attention(q, kc, vc, slots, pos, self.kv_of_head, scale, att)
-            part = layer.wo(Activation(att.reshape(b, self.nh * self.hd)))
+            layer.wo(Activation(att.reshape(b, self.nh * self.hd), bufs, "att"), [part])
             comm.allreduce_sum(part, wire, K)
             x += part
             # feed-forward: this rank's FFN rows (SwiGLU)
-            K.rmsnorm(x, layer.ffn_norm, F32(cfg.norm_eps), h)
-            part = self._moe(layer, Activation(h)) if cfg.n_experts else layer.ffn(Activation(h))
+            K.rmsnorm(x, layer.ffn_norm, eps, h)
+            if cfg.n_experts:
+                part[...] = self._moe(layer, Activation(h, bufs, "h"))
+            else:
+                layer.ffn(Activation(h, bufs, "h"), part)
             comm.allreduce_sum(part, wire, K)
             x += part
         rows = np.flatnonzero(want)
         if len(rows) == 0:
             return None
-        xs = np.ascontiguousarray(x[rows])
-        hs = np.empty_like(xs)
-        K.rmsnorm(xs, self.out_norm, F32(cfg.norm_eps), hs)
-        local = self.output(Activation(hs))
+        xs = np.ascontiguousarray(x[rows]) if len(rows) < b else x
+        hs = bufs("hs", xs.shape)
+        K.rmsnorm(xs, self.out_norm, eps, hs)
+        # a fresh array: the logits are the caller's to keep
+        local = self.output(Activation(hs, bufs, "hs"), [np.empty((len(rows), self.output.rows[0]), F32)])[0]
         if not topk or comm.size == 1:
             return comm.gather_rows(local, self.vocab_counts)
         return self._gather_topk(local, topk)

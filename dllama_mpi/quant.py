@@ -5,8 +5,9 @@
     to GGML Q4_0 / Q4_1 / Q8_0) or from float32; quantizing float32 to GGML blocks
     (`gguf.quants.quantize`, which implements the GGML reference quantizers).
 
-      q40: wq uint8[ntile, nb, 16, 64], wd float32[ntile, nb, 64]         value = d*(q-8)
-      q41: wq uint8[ntile, nb, 16, 64], wd, wm float32[ntile, nb, 64]     value = d*q + m
+      q40: wq uint16[ntile, nb, 8, 64], wd float32[ntile, nb, 64]         value = d*(q-8)
+      q41: wq uint16[ntile, nb, 8, 64], wd, wm float32[ntile, nb, 64]     value = d*q + m
+           (word m = GGML block bytes 2m, 2m+1 little-endian: see kernels/matmul.py)
       q80: wq int8[ntile, nb, 32, 64],  wd float32[ntile, nb, 64]         value = d*q
       f32: w float32[ntile, cols, 64]                                     w[t, c, r] = W[64t+r, c]
 
@@ -143,21 +144,36 @@ def _tile_scales(s: np.ndarray, rows: int) -> np.ndarray:
     return np.ascontiguousarray(_tile_rows(s, rows, 0.0).transpose(0, 2, 1))
 
 
+def _nibble_words(nibbles: np.ndarray, rows: int, fill: int) -> np.ndarray:
+    """Block nibble bytes uint8 [rows, nb, 16] -> uint16 [ntile, nb, 8, 64]: word m of a row is
+    bytes 2m (low) and 2m+1 (high)."""
+    t = _tile_rows(nibbles, rows, fill)                      # [nt, 64, nb, 16]
+    pairs = t.reshape(t.shape[:3] + (8, 2)).transpose(0, 2, 3, 1, 4)  # [nt, nb, 8, 64, 2]
+    return np.ascontiguousarray(pairs).view("<u2")[..., 0].astype(np.uint16, copy=False)
+
+
+def _word_bytes(wq: np.ndarray) -> np.ndarray:
+    """uint16 [nt, nb, 8, 64] words -> the block bytes uint8 [nt, nb, 16, 64]."""
+    nt, nb, _, r = wq.shape
+    out = np.empty((nt, nb, 8, 2, r), np.uint8)
+    out[:, :, :, 0] = wq & 0xFF
+    out[:, :, :, 1] = wq >> 8
+    return out.reshape(nt, nb, 16, r)
+
+
 def tile_q40(blocks: np.ndarray, cols: int | None = None):
-    """Raw Q4_0 blocks uint8 [rows, nb*18] -> (wq uint8[ntile, nb, 16, 64], wd float32[ntile, nb, 64])."""
+    """Raw Q4_0 blocks uint8 [rows, nb*18] -> (wq uint16[ntile, nb, 8, 64], wd float32[ntile, nb, 64])."""
     blk, rows, nb = _split_blocks(blocks, "q40", cols)
     wd = _tile_scales(_f16(blk[:, :, 0:2]), rows)
-    wq = np.ascontiguousarray(_tile_rows(blk[:, :, 2:18], rows, 0x88).transpose(0, 2, 3, 1))
-    return wq, wd
+    return _nibble_words(blk[:, :, 2:18], rows, 0x88), wd
 
 
 def tile_q41(blocks: np.ndarray, cols: int | None = None):
-    """Raw Q4_1 blocks uint8 [rows, nb*20] -> (wq uint8[ntile, nb, 16, 64], wd, wm float32[ntile, nb, 64])."""
+    """Raw Q4_1 blocks uint8 [rows, nb*20] -> (wq uint16[ntile, nb, 8, 64], wd, wm float32[ntile, nb, 64])."""
     blk, rows, nb = _split_blocks(blocks, "q41", cols)
     wd = _tile_scales(_f16(blk[:, :, 0:2]), rows)
     wm = _tile_scales(_f16(blk[:, :, 2:4]), rows)
-    wq = np.ascontiguousarray(_tile_rows(blk[:, :, 4:20], rows, 0).transpose(0, 2, 3, 1))
-    return wq, wd, wm
+    return _nibble_words(blk[:, :, 4:20], rows, 0), wd, wm
 
 
 def tile_q80(blocks: np.ndarray, cols: int | None = None):
@@ -200,7 +216,7 @@ def untile(arrays: tuple, qtype: str, rows: int) -> np.ndarray:
         (w,) = arrays
         return np.ascontiguousarray(w.transpose(0, 2, 1).reshape(-1, w.shape[1])[:rows])
     if qtype in ("q40", "q41"):
-        wq = arrays[0]
+        wq = _word_bytes(arrays[0])
         q = np.concatenate([wq & 0x0F, wq >> 4], axis=2)           # [nt, nb, 32, 64]
         q = q.astype(np.int8)
         if qtype == "q40":
@@ -234,6 +250,14 @@ def _roundf(v: np.ndarray) -> np.ndarray:
     return np.where(v < 0, -r, r)
 
 
+def q4_coeffs_ref(qx: np.ndarray) -> np.ndarray:
+    """qx int8[B, nb, 32] -> the 4-bit kernels' coefficients int16[B, nb, 8, 4] (kernels/matmul.py)."""
+    q = qx.astype(np.int16)
+    e0, e1 = q[:, :, 0:16:2], q[:, :, 1:16:2]          # elements 2m, 2m+1
+    f0, f1 = q[:, :, 16::2], q[:, :, 17::2]            # elements 2m+16, 2m+17
+    return np.stack([e0, f0 - 16 * e0, e1 - 16 * f0, f1 - 16 * e1], axis=3)
+
+
 def quantize_q80_ref(x: np.ndarray):
     """float32 [B, n] -> (qx int8[B, nb, 32], dx float32[B, nb], sx int32[B, nb])."""
     x = np.asarray(x, dtype=np.float32)
@@ -250,6 +274,7 @@ def quantize_q80_ref(x: np.ndarray):
 
 def _idot_q4(wq: np.ndarray, qx: np.ndarray, offset: int) -> np.ndarray:
     """Integer block dots: [B, ntile, nb, 64] of sum_j (q_w - offset) * q_x."""
+    wq = _word_bytes(wq)
     lo = (wq & 0x0F).astype(np.int64) - offset
     hi = (wq >> 4).astype(np.int64) - offset
     qx = qx.astype(np.int64)
@@ -325,6 +350,8 @@ def rope_ref(x, pos, cos, sin, interleaved: bool) -> np.ndarray:
 
 
 def attention_ref(q, kc, vc, slot, pos, kv_of_head, scale) -> np.ndarray:
+    """kc [nslots, nkv, hd, S] (keys transposed), vc [nslots, nkv, S, hd]."""
+    kc = np.swapaxes(kc, 2, 3)
     B, nh, hd = q.shape
     out = np.zeros((B, nh, hd), np.float64)
     for b in range(B):

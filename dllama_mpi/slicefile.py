@@ -27,7 +27,7 @@ from .config import ModelConfig
 from .partition import RankSlice, plan, plan_from_json, plan_to_json
 
 FORMAT = "dllama-mpi-slice"
-VERSION = 1
+VERSION = 2  # 2: q40/q41 values as 16-bit words (kernels/matmul.py)
 KINDS = ("q40", "q41", "q80", "f32")
 _T = gguf.GGMLQuantizationType
 # Block types the kernels multiply directly; anything else is requantized.

@@ -1,22 +1,35 @@
 """Quantized / f32 matrix-vector kernels (pythran source; also runs, slowly, as plain Python).
 
+Every matmul multiplies one activation batch by a *group* of matrices that share it (e.g. wq, wk,
+wv; or w1, w3): one call, one OpenMP loop over the tiles of all of them, so small matrices still
+spread over every thread and each layer makes few calls.
+
 Weight layout ("tiled"): 64 output rows are interleaved per tile so the innermost loop runs over
 the 64 rows of a tile with unit stride (vectorizes to AVX-512).
 
-  q40: wq uint8[ntile, nb, 16, 64] (GGML nibble order: low nibble = element j, high = j+16),
-       wd float32[ntile, nb, 64];                       value = d*(q-8)
-  q41: same wq, wd and wm float32[ntile, nb, 64];      value = d*q + m
-  q80: wq int8[ntile, nb, 32, 64], wd float32[ntile, nb, 64]; value = d*q
+  q40: wq uint16[ntile, nb, 8, 64], wd float32[ntile, nb, 64];            value = d*(q-8)
+  q41: same wq, wd and wm float32[ntile, nb, 64];                        value = d*q + m
+       word m of a row packs the GGML block bytes 2m and 2m+1 (little-endian), i.e. four 4-bit
+       values: bits 0-3 element 2m, 4-7 element 2m+16, 8-11 element 2m+1, 12-15 element 2m+17
+  q80: wq int8[ntile, nb, 32, 64], wd float32[ntile, nb, 64];            value = d*q
   f32: w float32[ntile, cols, 64]
 
-Activations for quantized weights are Q80-quantized: qx int8[B, nb, 32], dx float32[B, nb],
-sx int32[B, nb] (sum of the 32 q's of each block), as produced by quantize_q80 (|q| <= 127;
-the int16 partial sums below rely on it for q80 weights).
+Activations for quantized weights are Q80-quantized by quantize_q80: qx int8[B, nb, 32],
+dx float32[B, nb], sx int32[B, nb] (sum of the 32 q's of each block, |q| <= 127) and, for the
+4-bit kernels, xc int16[B, nb, 8, 4]: per word m the coefficients
+  c0 = x[2m], c1 = x[2m+16] - 16 x[2m], c2 = x[2m+1] - 16 x[2m+16], c3 = x[2m+17] - 16 x[2m+1].
 
-Integer block dots are exact; partial sums use int16 where provably in range (twice the int16
-lanes per AVX-512 register as int32: ~17-19 GB/s of q40 weights on one core instead of ~10).
-Pass C-contiguous base arrays: pythran accepts contiguous slices such as qx[:1] but runs the
-kernels on them 2x slower (it rejects strided views with TypeError).
+Why the coefficients: with w a 16-bit word of nibbles n0..n3 and w_i = w >> 4i (logical),
+n_i = w_i - 16 w_{i+1}, so sum_i n_i x_i = w_0 c0 + w_1 c1 + w_2 c2 + w_3 c3 (mod 2^16). The
+4-bit dot product then needs no masks and no byte->word widening: 3 shifts, 4 multiplies and
+4 adds per 32 rows x 4 values, in int16 lanes (32 per AVX-512 register). Every int16 sum may wrap;
+the true partial sums over 16 values are |p| <= 16 * 15 * 127 = 30480 < 2^15, so the wrapped
+result is exact. (gcc 12 only emits VNNI dot-product instructions for horizontal reductions,
+which this layout avoids; two word rows per loop is what it vectorizes best: four did not
+vectorize at all.)
+
+Integer block dots are exact. Pass C-contiguous base arrays: pythran accepts contiguous slices
+such as qx[:1] but runs the kernels on them 2x slower (it rejects strided views with TypeError).
 
 Float arithmetic order (reproduced bit for bit by dllama_mpi.quant.*_ref; the extension is built
 with -ffp-contract=off so no FMA contraction changes the rounding):
@@ -28,16 +41,17 @@ Outputs are preallocated by the caller; kernels write into them and return None.
 """
 import numpy as np
 
-#pythran export quantize_q80(float32[:,:], int8[:,:,:], float32[:,:], int32[:,:])
-#pythran export matmul_q40(uint8[:,:,:,:], float32[:,:,:], int8[:,:,:], float32[:,:], float32[:,:])
-#pythran export matmul_q41(uint8[:,:,:,:], float32[:,:,:], float32[:,:,:], int8[:,:,:], float32[:,:], int32[:,:], float32[:,:])
-#pythran export matmul_q80(int8[:,:,:,:], float32[:,:,:], int8[:,:,:], float32[:,:], float32[:,:])
-#pythran export matmul_f32(float32[:,:,:], float32[:,:], float32[:,:])
+#pythran export quantize_q80(float32[:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
+#pythran export matmul_q40(uint16[:,:,:,:] list, float32[:,:,:] list, int16[:,:,:,:], int32[:,:], float32[:,:], float32[:,:] list)
+#pythran export matmul_q41(uint16[:,:,:,:] list, float32[:,:,:] list, float32[:,:,:] list, int16[:,:,:,:], int32[:,:], float32[:,:], float32[:,:] list)
+#pythran export matmul_q80(int8[:,:,:,:] list, float32[:,:,:] list, int8[:,:,:], float32[:,:], float32[:,:] list)
+#pythran export matmul_f32(float32[:,:,:] list, float32[:,:], float32[:,:] list)
 #pythran export dequant_sum_q80(int8[:,:,:,:], float32[:,:,:], float32[:,:])
 
 
-def quantize_q80(x, qx, dx, sx):
-    """x float32[B, n] -> qx int8[B, n/32, 32], dx float32[B, n/32], sx int32[B, n/32].
+def quantize_q80(x, qx, dx, sx, xc):
+    """x float32[B, n] -> qx int8[B, n/32, 32], dx float32[B, n/32], sx int32[B, n/32] and the
+    4-bit kernels' coefficients xc int16[B, n/32, 8, 4] (see the module docstring).
 
     d = amax/127 (float32), id = 1/d (0 if d == 0), q = round-half-away-from-zero(x*id)."""
     B = x.shape[0]
@@ -46,6 +60,7 @@ def quantize_q80(x, qx, dx, sx):
     one = np.float32(1.0)
     half = np.float32(0.5)
     c127 = np.float32(127.0)
+    c16 = np.int16(16)
     for b in range(B):
         for k in range(nb):
             amax = zero
@@ -70,71 +85,108 @@ def quantize_q80(x, qx, dx, sx):
                 qx[b, k, j] = np.int8(iq)
                 s += iq
             sx[b, k] = s
+            for m in range(8):
+                a0 = np.int16(qx[b, k, 2 * m])
+                a1 = np.int16(qx[b, k, 2 * m + 16])
+                a2 = np.int16(qx[b, k, 2 * m + 1])
+                a3 = np.int16(qx[b, k, 2 * m + 17])
+                xc[b, k, m, 0] = a0
+                xc[b, k, m, 1] = a1 - c16 * a0
+                xc[b, k, m, 2] = a2 - c16 * a1
+                xc[b, k, m, 3] = a3 - c16 * a2
 
 
-def matmul_q40(wq, wd, qx, dx, out):
-    """out[b, r] = sum_c W[r, c] x[b, c] for r < out.shape[1].
+def _first_tiles(ws):
+    """first[i] = index of matrix i's first tile in the group's tile sequence; first[-1] = total."""
+    first = np.zeros(len(ws) + 1, np.int64)
+    for i in range(len(ws)):
+        first[i + 1] = first[i] + ws[i].shape[0]
+    return first
 
-    Block dot = sum_j (q_j - 8) x_j = (p0 + p1) - 8 * sum_j x_j, exact in int32."""
-    ntile = wq.shape[0]
-    nb = wq.shape[1]
-    B = qx.shape[0]
-    rows = out.shape[1]
+
+def matmul_q40(wqs, wds, xc, sx, dx, outs):
+    """outs[i][b, r] = sum_c W_i[r, c] x[b, c] for r < outs[i].shape[1].
+
+    Block dot = sum_j (q_j - 8) x_j = (p0 + p1) - 8 * sx."""
+    first = _first_tiles(wqs)
+    nm = len(wqs)
+    nb = xc.shape[1]
+    B = xc.shape[0]
     #omp parallel for schedule(static)
-    for t in range(ntile):
-        c8 = np.int32(8)
+    for tt in range(first[nm]):
+        i = 0
+        while tt >= first[i + 1]:
+            i += 1
+        t = tt - first[i]
+        wq = wqs[i]
+        wd = wds[i]
+        out = outs[i]
         acc = np.zeros((B, 64), np.float32)
         p0 = np.zeros(64, np.int16)
         p1 = np.zeros(64, np.int16)
+        s4 = np.uint16(4)
+        s8 = np.uint16(8)
+        s12 = np.uint16(12)
         for k in range(nb):
             for b in range(B):
-                xs = np.int32(0)
-                for j in range(32):
-                    xs += np.int32(qx[b, k, j])
-                xs = xs * c8
-                # p0[r] (j = 0..7), p1[r] (j = 8..15) = sum_j lo*x[j] + hi*x[j+16] over the unsigned
-                # nibbles; int16 is exact: |p| <= 8 * 2 * 15 * 127 = 30480 (2x faster than int32)
-                m15 = np.int16(15)
-                s4 = np.int16(4)
-                x0 = np.int16(qx[b, k, 0])
-                x1 = np.int16(qx[b, k, 16])
-                x2 = np.int16(qx[b, k, 1])
-                x3 = np.int16(qx[b, k, 17])
+                a0 = xc[b, k, 0, 0]
+                a1 = xc[b, k, 0, 1]
+                a2 = xc[b, k, 0, 2]
+                a3 = xc[b, k, 0, 3]
+                e0 = xc[b, k, 1, 0]
+                e1 = xc[b, k, 1, 1]
+                e2 = xc[b, k, 1, 2]
+                e3 = xc[b, k, 1, 3]
                 for r in range(64):
-                    v = np.int16(wq[t, k, 0, r])
-                    u = np.int16(wq[t, k, 1, r])
-                    p0[r] = (v & m15) * x0 + (v >> s4) * x1 + (u & m15) * x2 + (u >> s4) * x3
-                x0 = np.int16(qx[b, k, 8])
-                x1 = np.int16(qx[b, k, 24])
-                x2 = np.int16(qx[b, k, 9])
-                x3 = np.int16(qx[b, k, 25])
+                    u = wq[t, k, 0, r]
+                    v = wq[t, k, 1, r]
+                    p0[r] = (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
+                              + np.int16(v) * e0 + np.int16(v >> s4) * e1 + np.int16(v >> s8) * e2 + np.int16(v >> s12) * e3)
+                a0 = xc[b, k, 2, 0]
+                a1 = xc[b, k, 2, 1]
+                a2 = xc[b, k, 2, 2]
+                a3 = xc[b, k, 2, 3]
+                e0 = xc[b, k, 3, 0]
+                e1 = xc[b, k, 3, 1]
+                e2 = xc[b, k, 3, 2]
+                e3 = xc[b, k, 3, 3]
                 for r in range(64):
-                    v = np.int16(wq[t, k, 8, r])
-                    u = np.int16(wq[t, k, 9, r])
-                    p1[r] = (v & m15) * x0 + (v >> s4) * x1 + (u & m15) * x2 + (u >> s4) * x3
-                for j in range(2, 8, 2):
-                    x0 = np.int16(qx[b, k, j])
-                    x1 = np.int16(qx[b, k, j + 16])
-                    x2 = np.int16(qx[b, k, j + 1])
-                    x3 = np.int16(qx[b, k, j + 17])
-                    for r in range(64):
-                        v = np.int16(wq[t, k, j, r])
-                        u = np.int16(wq[t, k, j + 1, r])
-                        p0[r] += (v & m15) * x0 + (v >> s4) * x1 + (u & m15) * x2 + (u >> s4) * x3
-                for j in range(10, 16, 2):
-                    x0 = np.int16(qx[b, k, j])
-                    x1 = np.int16(qx[b, k, j + 16])
-                    x2 = np.int16(qx[b, k, j + 1])
-                    x3 = np.int16(qx[b, k, j + 17])
-                    for r in range(64):
-                        v = np.int16(wq[t, k, j, r])
-                        u = np.int16(wq[t, k, j + 1, r])
-                        p1[r] += (v & m15) * x0 + (v >> s4) * x1 + (u & m15) * x2 + (u >> s4) * x3
+                    u = wq[t, k, 2, r]
+                    v = wq[t, k, 3, r]
+                    p0[r] += (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
+                              + np.int16(v) * e0 + np.int16(v >> s4) * e1 + np.int16(v >> s8) * e2 + np.int16(v >> s12) * e3)
+                a0 = xc[b, k, 4, 0]
+                a1 = xc[b, k, 4, 1]
+                a2 = xc[b, k, 4, 2]
+                a3 = xc[b, k, 4, 3]
+                e0 = xc[b, k, 5, 0]
+                e1 = xc[b, k, 5, 1]
+                e2 = xc[b, k, 5, 2]
+                e3 = xc[b, k, 5, 3]
+                for r in range(64):
+                    u = wq[t, k, 4, r]
+                    v = wq[t, k, 5, r]
+                    p1[r] = (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
+                              + np.int16(v) * e0 + np.int16(v >> s4) * e1 + np.int16(v >> s8) * e2 + np.int16(v >> s12) * e3)
+                a0 = xc[b, k, 6, 0]
+                a1 = xc[b, k, 6, 1]
+                a2 = xc[b, k, 6, 2]
+                a3 = xc[b, k, 6, 3]
+                e0 = xc[b, k, 7, 0]
+                e1 = xc[b, k, 7, 1]
+                e2 = xc[b, k, 7, 2]
+                e3 = xc[b, k, 7, 3]
+                for r in range(64):
+                    u = wq[t, k, 6, r]
+                    v = wq[t, k, 7, r]
+                    p1[r] += (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
+                              + np.int16(v) * e0 + np.int16(v >> s4) * e1 + np.int16(v >> s8) * e2 + np.int16(v >> s12) * e3)
                 s = dx[b, k]
+                xs = sx[b, k] * np.int32(8)
                 for r in range(64):
                     acc[b, r] += np.float32(np.int32(p0[r]) + np.int32(p1[r]) - xs) * (wd[t, k, r] * s)
         r0 = t * 64
-        n = min(64, rows - r0)
+        n = min(64, out.shape[1] - r0)
         for b in range(B):
             for r in range(n):
                 out[b, r0 + r] = acc[b, r]
@@ -142,77 +194,109 @@ def matmul_q40(wq, wd, qx, dx, out):
 
 # matmul_q41 repeats matmul_q40's nibble dot products on purpose: moved into a shared helper
 # function they ran ~10% slower (measured A/B on 2048x2048 and 8192x2048, B = 1 and 16).
-def matmul_q41(wq, wd, wm, qx, dx, sx, out):
+def matmul_q41(wqs, wds, wms, xc, sx, dx, outs):
     """Block term = float32(dot) * (d * dx) + m * (dx * float32(sx)), dot = sum_j q_j x_j."""
-    ntile = wq.shape[0]
-    nb = wq.shape[1]
-    B = qx.shape[0]
-    rows = out.shape[1]
+    first = _first_tiles(wqs)
+    nm = len(wqs)
+    nb = xc.shape[1]
+    B = xc.shape[0]
     #omp parallel for schedule(static)
-    for t in range(ntile):
+    for tt in range(first[nm]):
+        i = 0
+        while tt >= first[i + 1]:
+            i += 1
+        t = tt - first[i]
+        wq = wqs[i]
+        wd = wds[i]
+        wm = wms[i]
+        out = outs[i]
         acc = np.zeros((B, 64), np.float32)
         p0 = np.zeros(64, np.int16)
         p1 = np.zeros(64, np.int16)
+        s4 = np.uint16(4)
+        s8 = np.uint16(8)
+        s12 = np.uint16(12)
         for k in range(nb):
             for b in range(B):
-                # p0[r] (j = 0..7), p1[r] (j = 8..15) = sum_j lo*x[j] + hi*x[j+16] over the unsigned
-                # nibbles; int16 is exact: |p| <= 8 * 2 * 15 * 127 = 30480 (2x faster than int32)
-                m15 = np.int16(15)
-                s4 = np.int16(4)
-                x0 = np.int16(qx[b, k, 0])
-                x1 = np.int16(qx[b, k, 16])
-                x2 = np.int16(qx[b, k, 1])
-                x3 = np.int16(qx[b, k, 17])
+                a0 = xc[b, k, 0, 0]
+                a1 = xc[b, k, 0, 1]
+                a2 = xc[b, k, 0, 2]
+                a3 = xc[b, k, 0, 3]
+                e0 = xc[b, k, 1, 0]
+                e1 = xc[b, k, 1, 1]
+                e2 = xc[b, k, 1, 2]
+                e3 = xc[b, k, 1, 3]
                 for r in range(64):
-                    v = np.int16(wq[t, k, 0, r])
-                    u = np.int16(wq[t, k, 1, r])
-                    p0[r] = (v & m15) * x0 + (v >> s4) * x1 + (u & m15) * x2 + (u >> s4) * x3
-                x0 = np.int16(qx[b, k, 8])
-                x1 = np.int16(qx[b, k, 24])
-                x2 = np.int16(qx[b, k, 9])
-                x3 = np.int16(qx[b, k, 25])
+                    u = wq[t, k, 0, r]
+                    v = wq[t, k, 1, r]
+                    p0[r] = (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
+                              + np.int16(v) * e0 + np.int16(v >> s4) * e1 + np.int16(v >> s8) * e2 + np.int16(v >> s12) * e3)
+                a0 = xc[b, k, 2, 0]
+                a1 = xc[b, k, 2, 1]
+                a2 = xc[b, k, 2, 2]
+                a3 = xc[b, k, 2, 3]
+                e0 = xc[b, k, 3, 0]
+                e1 = xc[b, k, 3, 1]
+                e2 = xc[b, k, 3, 2]
+                e3 = xc[b, k, 3, 3]
                 for r in range(64):
-                    v = np.int16(wq[t, k, 8, r])
-                    u = np.int16(wq[t, k, 9, r])
-                    p1[r] = (v & m15) * x0 + (v >> s4) * x1 + (u & m15) * x2 + (u >> s4) * x3
-                for j in range(2, 8, 2):
-                    x0 = np.int16(qx[b, k, j])
-                    x1 = np.int16(qx[b, k, j + 16])
-                    x2 = np.int16(qx[b, k, j + 1])
-                    x3 = np.int16(qx[b, k, j + 17])
-                    for r in range(64):
-                        v = np.int16(wq[t, k, j, r])
-                        u = np.int16(wq[t, k, j + 1, r])
-                        p0[r] += (v & m15) * x0 + (v >> s4) * x1 + (u & m15) * x2 + (u >> s4) * x3
-                for j in range(10, 16, 2):
-                    x0 = np.int16(qx[b, k, j])
-                    x1 = np.int16(qx[b, k, j + 16])
-                    x2 = np.int16(qx[b, k, j + 1])
-                    x3 = np.int16(qx[b, k, j + 17])
-                    for r in range(64):
-                        v = np.int16(wq[t, k, j, r])
-                        u = np.int16(wq[t, k, j + 1, r])
-                        p1[r] += (v & m15) * x0 + (v >> s4) * x1 + (u & m15) * x2 + (u >> s4) * x3
+                    u = wq[t, k, 2, r]
+                    v = wq[t, k, 3, r]
+                    p0[r] += (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
+                              + np.int16(v) * e0 + np.int16(v >> s4) * e1 + np.int16(v >> s8) * e2 + np.int16(v >> s12) * e3)
+                a0 = xc[b, k, 4, 0]
+                a1 = xc[b, k, 4, 1]
+                a2 = xc[b, k, 4, 2]
+                a3 = xc[b, k, 4, 3]
+                e0 = xc[b, k, 5, 0]
+                e1 = xc[b, k, 5, 1]
+                e2 = xc[b, k, 5, 2]
+                e3 = xc[b, k, 5, 3]
+                for r in range(64):
+                    u = wq[t, k, 4, r]
+                    v = wq[t, k, 5, r]
+                    p1[r] = (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
+                              + np.int16(v) * e0 + np.int16(v >> s4) * e1 + np.int16(v >> s8) * e2 + np.int16(v >> s12) * e3)
+                a0 = xc[b, k, 6, 0]
+                a1 = xc[b, k, 6, 1]
+                a2 = xc[b, k, 6, 2]
+                a3 = xc[b, k, 6, 3]
+                e0 = xc[b, k, 7, 0]
+                e1 = xc[b, k, 7, 1]
+                e2 = xc[b, k, 7, 2]
+                e3 = xc[b, k, 7, 3]
+                for r in range(64):
+                    u = wq[t, k, 6, r]
+                    v = wq[t, k, 7, r]
+                    p1[r] += (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
+                              + np.int16(v) * e0 + np.int16(v >> s4) * e1 + np.int16(v >> s8) * e2 + np.int16(v >> s12) * e3)
                 s = dx[b, k]
                 ms = s * np.float32(sx[b, k])
                 for r in range(64):
                     acc[b, r] += (np.float32(np.int32(p0[r]) + np.int32(p1[r])) * (wd[t, k, r] * s)
                                   + wm[t, k, r] * ms)
         r0 = t * 64
-        n = min(64, rows - r0)
+        n = min(64, out.shape[1] - r0)
         for b in range(B):
             for r in range(n):
                 out[b, r0 + r] = acc[b, r]
 
 
-def matmul_q80(wq, wd, qx, dx, out):
+def matmul_q80(wqs, wds, qx, dx, outs):
     """Pairs of products summed in int16 (|w0 x0 + w1 x1| <= 2 * 128 * 127 = 32512), then int32."""
-    ntile = wq.shape[0]
-    nb = wq.shape[1]
+    first = _first_tiles(wqs)
+    nm = len(wqs)
+    nb = qx.shape[1]
     B = qx.shape[0]
-    rows = out.shape[1]
     #omp parallel for schedule(static)
-    for t in range(ntile):
+    for tt in range(first[nm]):
+        i = 0
+        while tt >= first[i + 1]:
+            i += 1
+        t = tt - first[i]
+        wq = wqs[i]
+        wd = wds[i]
+        out = outs[i]
         acc = np.zeros((B, 64), np.float32)
         idot = np.zeros(64, np.int32)
         for k in range(nb):
@@ -229,20 +313,26 @@ def matmul_q80(wq, wd, qx, dx, out):
                 for r in range(64):
                     acc[b, r] += np.float32(idot[r]) * (wd[t, k, r] * s)
         r0 = t * 64
-        n = min(64, rows - r0)
+        n = min(64, out.shape[1] - r0)
         for b in range(B):
             for r in range(n):
                 out[b, r0 + r] = acc[b, r]
 
 
-def matmul_f32(w, x, out):
+def matmul_f32(ws, x, outs):
     """w float32[ntile, cols, 64], x float32[B, cols]; acc += w*x over cols in order."""
-    ntile = w.shape[0]
-    cols = w.shape[1]
+    first = _first_tiles(ws)
+    nm = len(ws)
+    cols = x.shape[1]
     B = x.shape[0]
-    rows = out.shape[1]
     #omp parallel for schedule(static)
-    for t in range(ntile):
+    for tt in range(first[nm]):
+        i = 0
+        while tt >= first[i + 1]:
+            i += 1
+        t = tt - first[i]
+        w = ws[i]
+        out = outs[i]
         acc = np.zeros((B, 64), np.float32)
         for c in range(cols):
             for b in range(B):
@@ -250,7 +340,7 @@ def matmul_f32(w, x, out):
                 for r in range(64):
                     acc[b, r] += w[t, c, r] * xv
         r0 = t * 64
-        n = min(64, rows - r0)
+        n = min(64, out.shape[1] - r0)
         for b in range(B):
             for r in range(n):
                 out[b, r0 + r] = acc[b, r]

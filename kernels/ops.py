@@ -10,6 +10,7 @@ import numpy as np
 #pythran export attention(float32[:,:,:], float32[:,:,:,:], float32[:,:,:,:], int32[:], int32[:], int32[:], float32, float32[:,:,:])
 #pythran export attention(float32[:,:,:], float32[:,:,:,:], float32[:,:,:,:], int32[:], int32[:], int32[:], float, float32[:,:,:])
 #pythran export silu_mul(float32[:,:], float32[:,:])
+#pythran export kv_store(float32[:,:,:], float32[:,:,:], int32[:], int32[:], float32[:,:,:,:], float32[:,:,:,:])
 
 
 def rmsnorm(x, w, eps, out):
@@ -57,11 +58,23 @@ def rope(x, pos, cos, sin, interleaved):
                     x[b, h, j + half] = a0 * s + a1 * c
 
 
+def kv_store(k, v, slot, pos, kc, vc):
+    """Batch row b's k[b], v[b] [nkv, hd] into the caches at slot[b], position pos[b]:
+    kc[slot, h, :, pos] (keys transposed) and vc[slot, h, pos, :]."""
+    for b in range(k.shape[0]):
+        for h in range(k.shape[1]):
+            for d in range(k.shape[2]):
+                kc[slot[b], h, d, pos[b]] = k[b, h, d]
+                vc[slot[b], h, pos[b], d] = v[b, h, d]
+
+
 def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
-    """q[B, nh, hd]; kc, vc[nslots, nkv, S, hd]; out[B, nh, hd].
+    """q[B, nh, hd]; kc[nslots, nkv, hd, S] (keys transposed), vc[nslots, nkv, S, hd]; out[B, nh, hd].
 
     For batch row b and head h: keys/values of slot slot[b], kv head kv_of_head[h], positions
-    0..pos[b]; softmax(scale * q.k) (max subtracted) weighted sum of values. float32 throughout."""
+    0..pos[b]; softmax(scale * q.k) (max subtracted) weighted sum of values. float32 throughout.
+    Keys are stored transposed so that the scores of all positions build up together, one
+    dimension d at a time, with unit stride (vectorized over positions, no horizontal sums)."""
     B = q.shape[0]
     nh = q.shape[1]
     hd = q.shape[2]
@@ -77,21 +90,13 @@ def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
         zero = np.float32(0.0)
         scores = np.zeros(n, np.float32)
         acc = np.zeros(hd, np.float32)
-        part = np.zeros(16, np.float32)
-        hd16 = hd - hd % 16
+        for d in range(hd):
+            qd = q[b, h, d]
+            for t in range(n):
+                scores[t] += qd * kc[sl, kv, d, t]
         mx = np.float32(-3.0e38)
         for t in range(n):
-            for l in range(16):
-                part[l] = zero
-            for d0 in range(0, hd16, 16):
-                for l in range(16):
-                    part[l] += q[b, h, d0 + l] * kc[sl, kv, t, d0 + l]
-            s = zero
-            for d in range(hd16, hd):
-                s += q[b, h, d] * kc[sl, kv, t, d]
-            for l in range(16):
-                s += part[l]
-            s = s * sc
+            s = scores[t] * sc
             scores[t] = s
             if s > mx:
                 mx = s

@@ -47,8 +47,9 @@ def q80(x):
     qx = np.empty((B, n // 32, 32), np.int8)
     dx = np.empty((B, n // 32), np.float32)
     sx = np.empty((B, n // 32), np.int32)
-    K.quantize_q80(x, qx, dx, sx)
-    return qx, dx, sx
+    xc = np.empty((B, n // 32, 8, 4), np.int16)
+    K.quantize_q80(x, qx, dx, sx, xc)
+    return qx, dx, sx, xc
 
 
 def test_compiled_modules_are_extensions():
@@ -64,18 +65,34 @@ def test_compiled_modules_are_extensions():
 @pytest.mark.parametrize("n", COLS)
 def test_quantize_q80_exact(B, n):
     x = rand_x(rng("q", B, n), B, n)
-    qx, dx, sx = q80(x)
+    qx, dx, sx, xc = q80(x)
     rq, rd, rs = Q.quantize_q80_ref(x)
     np.testing.assert_array_equal(qx, rq)
     np.testing.assert_array_equal(dx, rd)
     np.testing.assert_array_equal(sx, rs)
     np.testing.assert_array_equal(sx, qx.astype(np.int32).sum(axis=2))
+    np.testing.assert_array_equal(xc, Q.q4_coeffs_ref(qx))
+
+
+def test_q4_coefficients_give_the_nibble_dot():
+    """The identity the 4-bit kernels rest on: for a word w of nibbles n0..n3 (elements 2m,
+    2m+16, 2m+1, 2m+17), sum_i (w >> 4i) * c_i == sum_i n_i x_i modulo 2^16, and the true value
+    fits in int16."""
+    r = rng("coef")
+    x = rand_x(r, 3, 96)
+    qx, _, _, xc = q80(x)
+    w = r.integers(0, 1 << 16, size=(3, 3, 8), dtype=np.int64)
+    got = sum(((w >> (4 * i)) * xc[..., i]) for i in range(4)) & 0xFFFF
+    n = [(w >> (4 * i)) & 15 for i in range(4)]
+    q = qx.astype(np.int64)
+    want = n[0] * q[:, :, 0:16:2] + n[1] * q[:, :, 16::2] + n[2] * q[:, :, 1:16:2] + n[3] * q[:, :, 17::2]
+    np.testing.assert_array_equal(got, want & 0xFFFF)
 
 
 def test_quantize_q80_matches_ggml_q8_0():
     """Same q's as GGML Q8_0 (which differs only in storing d as f16)."""
     x = rand_x(rng("ggml8"), 16, 576)
-    qx, dx, _ = q80(x)
+    qx, dx, _, xc = q80(x)
     blocks = gq.quantize(x, GGMLQuantizationType.Q8_0).reshape(16, 18, 34)
     np.testing.assert_array_equal(qx, blocks[:, :, 2:].view(np.int8))
     np.testing.assert_array_equal(dx.astype(np.float16), blocks[:, :, :2].copy().view(np.float16)[..., 0])
@@ -85,7 +102,7 @@ def test_quantize_q80_ties_round_away_from_zero():
     # amax 127 -> d = 1, id = 1: x*id are exact half-integers
     x = np.zeros((1, 32), np.float32)
     x[0, :6] = [127.0, 0.5, -0.5, 1.5, -2.5, 2.5]
-    qx, dx, sx = q80(x)
+    qx, dx, sx, xc = q80(x)
     assert dx[0, 0] == 1.0
     assert list(qx[0, 0, :6]) == [127, 1, -1, 2, -3, 3]
     np.testing.assert_array_equal(qx, Q.quantize_q80_ref(x)[0])
@@ -93,20 +110,30 @@ def test_quantize_q80_ties_round_away_from_zero():
 
 # --------------------------------------------------------------------------- quantized matmuls
 
-def _run_matmul(qtype, arrays, x, rows):
-    B = x.shape[0]
-    qx, dx, sx = q80(x)
-    out = np.full((B, rows), np.nan, np.float32)
+def _kernel(qtype, group, x, outs):
+    """One kernel call over a group of matrices (tuples of tiled arrays) sharing x."""
+    qx, dx, sx, xc = q80(x)
     if qtype == "q40":
-        K.matmul_q40(arrays[0], arrays[1], qx, dx, out)
-        ref = Q.matmul_q40_ref(arrays[0], arrays[1], qx, dx, rows)
+        K.matmul_q40([a[0] for a in group], [a[1] for a in group], xc, sx, dx, outs)
     elif qtype == "q41":
-        K.matmul_q41(arrays[0], arrays[1], arrays[2], qx, dx, sx, out)
-        ref = Q.matmul_q41_ref(arrays[0], arrays[1], arrays[2], qx, dx, sx, rows)
+        K.matmul_q41([a[0] for a in group], [a[1] for a in group], [a[2] for a in group], xc, sx, dx, outs)
     else:
-        K.matmul_q80(arrays[0], arrays[1], qx, dx, out)
-        ref = Q.matmul_q80_ref(arrays[0], arrays[1], qx, dx, rows)
-    return out, ref
+        K.matmul_q80([a[0] for a in group], [a[1] for a in group], qx, dx, outs)
+
+
+def _reference(qtype, arrays, x, rows):
+    qx, dx, sx, _ = q80(x)
+    if qtype == "q40":
+        return Q.matmul_q40_ref(arrays[0], arrays[1], qx, dx, rows)
+    if qtype == "q41":
+        return Q.matmul_q41_ref(arrays[0], arrays[1], arrays[2], qx, dx, sx, rows)
+    return Q.matmul_q80_ref(arrays[0], arrays[1], qx, dx, rows)
+
+
+def _run_matmul(qtype, arrays, x, rows):
+    out = np.full((x.shape[0], rows), np.nan, np.float32)
+    _kernel(qtype, [arrays], x, [out])
+    return out, _reference(qtype, arrays, x, rows)
 
 
 @pytest.mark.parametrize("qtype", ["q40", "q41", "q80"])
@@ -122,7 +149,7 @@ def test_matmul_quant_exact(qtype, rows, cols):
         np.testing.assert_array_equal(out, ref, err_msg=f"{qtype} rows={rows} cols={cols} B={B}")
         # and close to the float product of the dequantized operands
         Wd = Q.untile(arrays, qtype, rows).astype(np.float64)
-        qx, dx, _ = q80(x)
+        qx, dx, _, xc = q80(x)
         xd = (qx.astype(np.float64) * dx[:, :, None]).reshape(B, cols)
         exact = xd @ Wd.T
         scale = np.abs(xd).sum(axis=1)[:, None] * np.abs(Wd).max() + 1e-30
@@ -141,29 +168,54 @@ def test_matmul_quant_multi_thread_deterministic(qtype):
     np.testing.assert_array_equal(out1, out2)
 
 
+@pytest.mark.parametrize("qtype", ["q40", "q41", "q80", "f32"])
+def test_matmul_group_equals_separate_calls(qtype):
+    """A group (e.g. wq, wk, wv) in one call, including a rank's empty part (0 rows), gives each
+    matrix's own result bit for bit."""
+    r = rng("group", qtype)
+    rows = [200, 0, 65, 64]
+    mats = [Q.tile_float(rand_mat(r, n, 576), qtype) if n else Q.tile_float(np.zeros((0, 576), np.float32), qtype)
+            for n in rows]
+    for B in (1, 7):
+        x = rand_x(r, B, 576)
+        outs = [np.full((B, n), np.nan, np.float32) for n in rows]
+        if qtype == "f32":
+            K.matmul_f32([m[0] for m in mats], x, outs)
+        else:
+            _kernel(qtype, mats, x, outs)
+        for m, n, o in zip(mats, rows, outs):
+            single = np.full((B, n), np.nan, np.float32)
+            if qtype == "f32":
+                K.matmul_f32([m[0]], x, [single])
+            else:
+                _kernel(qtype, [m], x, [single])
+                np.testing.assert_array_equal(o, _reference(qtype, m, x, n))
+            np.testing.assert_array_equal(o, single)
+
+
 def test_matmul_writes_only_existing_rows():
     r = rng("rowsonly")
     W = rand_mat(r, 65, 96)
     wq, wd = Q.tile_float(W, "q40")
     x = rand_x(r, 2, 96)
-    qx, dx, _ = q80(x)
+    qx, dx, sx, xc = q80(x)
     big = np.full((2, 200), 7.0, np.float32)
     out = big[:, :65].copy()
-    K.matmul_q40(wq, wd, qx, dx, out)
+    K.matmul_q40([wq], [wd], xc, sx, dx, [out])
     np.testing.assert_array_equal(out, Q.matmul_q40_ref(wq, wd, qx, dx, 65))
     # out narrower than ntile*64: fewer rows requested than tiled -> only those are written
     out3 = np.full((2, 10), 7.0, np.float32)
-    K.matmul_q40(wq, wd, qx, dx, out3)
+    K.matmul_q40([wq], [wd], xc, sx, dx, [out3])
     np.testing.assert_array_equal(out3, Q.matmul_q40_ref(wq, wd, qx, dx, 65)[:, :10])
 
 
 def test_matmul_rejects_wrong_dtype_or_view():
     wq, wd = Q.tile_float(np.ones((64, 32), np.float32), "q40")
-    qx, dx, _ = q80(np.ones((1, 32), np.float32))
+    qx, dx, sx, xc = q80(np.ones((1, 32), np.float32))
     with pytest.raises(TypeError):
-        K.matmul_q40(wq, wd, qx, dx, np.zeros((1, 64), np.float64))
+        K.matmul_q40([wq], [wd], xc, sx, dx, [np.zeros((1, 64), np.float64)])
     with pytest.raises(TypeError):
-        K.matmul_q40(wq, wd, qx, dx, np.zeros((1, 128), np.float32)[:, ::2])
+        K.matmul_q40([wq], [wd], xc, sx, dx, [np.zeros((1, 128), np.float32)[:, ::2]])
 
 
 # --------------------------------------------------------------------------- f32 matmul
@@ -178,7 +230,7 @@ def test_matmul_f32(rows, cols):
     for B in BATCH:
         x = rand_x(r, B, cols)
         out = np.full((B, rows), np.nan, np.float32)
-        K.matmul_f32(w, x, out)
+        K.matmul_f32([w], x, [out])
         ref = Q.matmul_f32_ref(w, x, rows)
         scale = np.abs(x).astype(np.float64) @ np.abs(W).T.astype(np.float64)
         assert np.all(np.abs(out - ref) <= 1e-5 * scale + 1e-30), (rows, cols, B)
@@ -195,7 +247,7 @@ def test_dequant_sum_q80_exact(N, B):
     qx = np.empty((N, B, n // 32, 32), np.int8)
     dx = np.empty((N, B, n // 32), np.float32)
     for i, p in enumerate(parts):
-        a, d, _ = q80(p)
+        a, d, _, _ = q80(p)
         qx[i], dx[i] = a, d
     out = np.full((B, n), np.nan, np.float32)
     K.dequant_sum_q80(qx, dx, out)
@@ -215,9 +267,9 @@ def test_tiling_reproduces_gguf_dequantize(qtype, rows, cols):
     assert blocks.dtype == np.uint8 and blocks.shape == (rows, cols // 32 * Q._BLOCK_BYTES[qtype])
     arrays = Q.tile_blocks(blocks, qtype)
     nt = (rows + 63) // 64
-    assert arrays[0].shape == (nt, cols // 32, 16 if qtype != "q80" else 32, 64)
+    assert arrays[0].shape == (nt, cols // 32, 8 if qtype != "q80" else 32, 64)
     assert all(a.flags.c_contiguous for a in arrays)
-    assert arrays[0].dtype == (np.int8 if qtype == "q80" else np.uint8)
+    assert arrays[0].dtype == (np.int8 if qtype == "q80" else np.uint16)
     assert all(a.dtype == np.float32 for a in arrays[1:])
     ref = gq.dequantize(blocks, GGML[qtype])
     np.testing.assert_array_equal(Q.untile(arrays, qtype, rows), ref)
@@ -248,8 +300,8 @@ def test_raw_block_bytes_match_layout(qtype):
             qs = blk[bb - (16 if qtype != "q80" else 32):]
             if qtype == "q80":
                 np.testing.assert_array_equal(arrays[0][t, b, :, rr], qs.view(np.int8))
-            else:
-                np.testing.assert_array_equal(arrays[0][t, b, :, rr], qs)
+            else:  # 16-bit words of byte pairs (2m, 2m+1), little-endian
+                np.testing.assert_array_equal(arrays[0][t, b, :, rr], qs[0::2].astype(np.uint16) | (qs[1::2].astype(np.uint16) << 8))
 
 
 def test_requantize_q41_matches_gguf():
@@ -270,15 +322,33 @@ def test_worked_example_formats_1_3():
     y40 = gq.dequantize(b40.reshape(1, -1), GGMLQuantizationType.Q4_0)[0]
     assert abs(y40[0] - -1.0498) < 1e-4 and abs(y40[31] - 2.0996) < 1e-4
     # the runtime activation quantizer gives the same q's (d kept in float32)
-    qx, dx, _ = q80(x)
+    qx, dx, _, xc = q80(x)
     np.testing.assert_array_equal(qx[0, 0], q)
     # and the tiled layout of these blocks reproduces them
     wq, wd = Q.tile_q40(b40.reshape(1, -1))
     assert wd[0, 0, 0] == np.float32(np.float16(-0.26245))
-    assert list(wq[0, 0, :, 0]) == list(b40[2:])
+    assert wq.dtype == np.uint16 and list(wq[0, 0, :, 0]) == list(b40[2:].view("<u2"))
 
 
 # --------------------------------------------------------------------------- ops
+
+def test_kv_store_writes_each_rows_key_and_value():
+    r = rng("kvstore")
+    B, nkv, hd, S, nslots = 3, 2, 64, 10, 2
+    k = r.standard_normal((B, nkv, hd)).astype(np.float32)
+    v = r.standard_normal((B, nkv, hd)).astype(np.float32)
+    slot = np.array([1, 0, 1], np.int32)
+    pos = np.array([4, 4, 9], np.int32)
+    kc = np.zeros((nslots, nkv, hd, S), np.float32)
+    vc = np.zeros((nslots, nkv, S, hd), np.float32)
+    K.kv_store(k, v, slot, pos, kc, vc)
+    want_k, want_v = np.zeros_like(kc), np.zeros_like(vc)
+    for b in range(B):
+        want_k[slot[b], :, :, pos[b]] = k[b]
+        want_v[slot[b], :, pos[b]] = v[b]
+    np.testing.assert_array_equal(kc, want_k)
+    np.testing.assert_array_equal(vc, want_v)
+
 
 @pytest.mark.parametrize("B", BATCH)
 @pytest.mark.parametrize("n", [32, 96, 576, 1536])
@@ -331,7 +401,7 @@ def test_attention(B, hd):
     r = rng("att", B, hd)
     nh, nkv, S, nslots = 6, 2, 70, 3
     q = r.standard_normal((B, nh, hd)).astype(np.float32)
-    kc = r.standard_normal((nslots, nkv, S, hd)).astype(np.float32)
+    kc = r.standard_normal((nslots, nkv, hd, S)).astype(np.float32)   # keys transposed
     vc = r.standard_normal((nslots, nkv, S, hd)).astype(np.float32)
     slot = r.integers(0, nslots, size=B).astype(np.int32)
     pos = r.integers(0, S, size=B).astype(np.int32)
