@@ -13,7 +13,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test install models clean
 demo: install models
-	@test -f $(DEMO_SLICES)/rank-1-of-2.h5 || $(BIN)/dllama-mpi slice $(DEMO_GGUF) --nodes 2 --out $(DEMO_SLICES)
+	@$(BIN)/dllama-mpi info $(DEMO_SLICES) >/dev/null 2>&1 || $(BIN)/dllama-mpi slice $(DEMO_GGUF) --nodes 2 --out $(DEMO_SLICES)
 	$(BIN)/mpirun -np 2 $(BIN)/dllama-mpi infer --model $(DEMO_SLICES) --chat --temperature 0 --steps 64 \
 		--prompt "What is the capital of France? Answer in one sentence."
 
