@@ -13,6 +13,7 @@ import numpy as np
 
 from . import partition, slicefile
 from .config import ModelConfig
+from .quant import T
 from .readers import expected_shape
 
 # per 32-block: (values' shape, dtype) in the kernel layout (the scales are float32)
@@ -21,17 +22,17 @@ BLOCKS = {"q40": ((8,), np.uint16), "q41": ((8,), np.uint16), "q80": ((32,), np.
 
 def random_matrix(kind: str, rows: int, cols: int, rng) -> dict:
     """Arrays of a [rows, cols] matrix in the tiled kernel layout of `kind` (see quant.py)."""
-    ntile, nb = -(-rows // 64), cols // 32
+    ntile, nb = -(-rows // T), cols // 32
 
     def rand_bytes(shape, dtype):
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return np.frombuffer(rng.bytes(n), dtype).reshape(shape)
 
     if kind == "f32":
-        return {"w": (rng.standard_normal((ntile, cols, 64), np.float32) * 0.02)}
-    scale = rng.uniform(0.002, 0.01, (ntile, nb, 64)).astype(np.float32)
+        return {"w": (rng.standard_normal((ntile, cols, T), np.float32) * 0.02)}
+    scale = rng.uniform(0.002, 0.01, (ntile, nb, T)).astype(np.float32)
     shape, dtype = BLOCKS[kind]
-    out = {"wq": rand_bytes((ntile, nb) + shape + (64,), dtype), "wd": scale}
+    out = {"wq": rand_bytes((ntile, nb) + shape + (T,), dtype), "wd": scale}
     if kind == "q41":
         out["wm"] = -8 * scale
     return out

@@ -22,13 +22,13 @@ import re
 
 from .config import SHAPES, ModelConfig
 from .partition import RankSlice, plan as partition_plan
+from .quant import T as TILE  # output rows per kernel tile: a matrix part's rows are padded to a multiple
 
 # Bytes per weight as the slice file stores each kind (kernel layout, float32 scales):
 # q40 = 16 B of nibbles + a 4 B scale per 32 values, q41 adds a 4 B minimum, q80 = 32 int8 + 4 B.
 KIND_BYTES = {"q40": 20 / 32, "q41": 24 / 32, "q80": 36 / 32, "f32": 4.0}
 # The embedding table keeps its source GGML blocks (rank 0 only): Q4_0 18 B, Q4_1 20 B, Q8_0 34 B per 32.
 EMBED_BYTES = {"q40": 18 / 32, "q41": 20 / 32, "q80": 34 / 32, "f32": 4.0}
-TILE = 64                 # output rows per tile: a matrix part's rows are padded to a multiple
 PREFILL_CHUNK = 64        # tokens per prefill batch (generate.prefill)
 RUNTIME_BYTES = 150 << 20  # Python, numpy, h5py, mpi4py, MPI and the tokenizer: measured ~130-200 MiB
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -150,7 +150,7 @@ def _layer_matrix_names(cfg: ModelConfig, l: int) -> list[str]:
 # -- the plan ---------------------------------------------------------------------------------
 
 def matrix_bytes(kind: str, rows: int, cols: int) -> int:
-    """Bytes of one rank's [rows x cols] part in the slice file (rows padded to 64-row tiles)."""
+    """Bytes of one rank's [rows x cols] part in the slice file (rows padded to whole tiles)."""
     if rows == 0 or cols == 0:
         return 0
     return int(math.ceil(rows / TILE) * TILE * cols * KIND_BYTES[kind])

@@ -1,17 +1,17 @@
 """Weight layout conversion, GGML requantization and plain-numpy references of the kernels.
 
-(a) Converting weight matrices into the kernels' "tiled" layout (64 output rows interleaved per
+(a) Converting weight matrices into the kernels' "tiled" layout (128 output rows interleaved per
     tile, quant blocks of 32 along the input dimension), from raw GGML blocks (uint8, byte-identical
     to GGML Q4_0 / Q4_1 / Q8_0) or from float32; quantizing float32 to GGML blocks
     (`gguf.quants.quantize`, which implements the GGML reference quantizers).
 
-      q40: wq uint16[ntile, nb, 8, 64], wd float32[ntile, nb, 64]         value = d*(q-8)
-      q41: wq uint16[ntile, nb, 8, 64], wd, wm float32[ntile, nb, 64]     value = d*q + m
+      q40: wq uint16[ntile, nb, 8, T], wd float32[ntile, nb, T]         value = d*(q-8)
+      q41: wq uint16[ntile, nb, 8, T], wd, wm float32[ntile, nb, T]     value = d*q + m
            (word m = GGML block bytes 2m, 2m+1 little-endian: see kernels/matmul.py)
-      q80: wq int8[ntile, nb, 32, 64],  wd float32[ntile, nb, 64]         value = d*q
-      f32: w float32[ntile, cols, 64]                                     w[t, c, r] = W[64t+r, c]
+      q80: wq int8[ntile, nb, 32, T],  wd float32[ntile, nb, T]         value = d*q
+      f32: w float32[ntile, cols, T]                                     w[t, c, r] = W[T*t+r, c]
 
-    Rows are padded up to a multiple of 64 with entries contributing exactly 0.
+    Rows are padded up to a multiple of T with entries contributing exactly 0.
 
 (b) `*_ref`: numpy oracles of every kernel in dllama_mpi.kernels. The quantized matmul references
     and `quantize_q80_ref` / `dequant_sum_q80_ref` are bit-exact (same integer dot per block, same
@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as _gq
 
-T = 64           # output rows per tile
+T = 128          # output rows per tile (the kernels' loops are written for it: kernels/matmul.py)
 QK = 32          # elements per quant block
 
 _BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
@@ -126,7 +126,7 @@ def _split_blocks(blocks: np.ndarray, qtype: str, cols: int | None):
 
 
 def _tile_rows(a: np.ndarray, rows: int, fill) -> np.ndarray:
-    """a [rows, ...] -> [ntile, 64, ...] padded with `fill`."""
+    """a [rows, ...] -> [ntile, T, ...] padded with `fill`."""
     nt = ntiles(rows)
     out = np.empty((nt * T,) + a.shape[1:], dtype=a.dtype)
     out[:rows] = a
@@ -140,20 +140,20 @@ def _f16(b: np.ndarray) -> np.ndarray:
 
 
 def _tile_scales(s: np.ndarray, rows: int) -> np.ndarray:
-    # s [rows, nb] -> [ntile, nb, 64]
+    # s [rows, nb] -> [ntile, nb, T]
     return np.ascontiguousarray(_tile_rows(s, rows, 0.0).transpose(0, 2, 1))
 
 
 def _nibble_words(nibbles: np.ndarray, rows: int, fill: int) -> np.ndarray:
-    """Block nibble bytes uint8 [rows, nb, 16] -> uint16 [ntile, nb, 8, 64]: word m of a row is
+    """Block nibble bytes uint8 [rows, nb, 16] -> uint16 [ntile, nb, 8, T]: word m of a row is
     bytes 2m (low) and 2m+1 (high)."""
-    t = _tile_rows(nibbles, rows, fill)                      # [nt, 64, nb, 16]
-    pairs = t.reshape(t.shape[:3] + (8, 2)).transpose(0, 2, 3, 1, 4)  # [nt, nb, 8, 64, 2]
+    t = _tile_rows(nibbles, rows, fill)                      # [nt, T, nb, 16]
+    pairs = t.reshape(t.shape[:3] + (8, 2)).transpose(0, 2, 3, 1, 4)  # [nt, nb, 8, T, 2]
     return np.ascontiguousarray(pairs).view("<u2")[..., 0].astype(np.uint16, copy=False)
 
 
 def _word_bytes(wq: np.ndarray) -> np.ndarray:
-    """uint16 [nt, nb, 8, 64] words -> the block bytes uint8 [nt, nb, 16, 64]."""
+    """uint16 [nt, nb, 8, T] words -> the block bytes uint8 [nt, nb, 16, T]."""
     nt, nb, _, r = wq.shape
     out = np.empty((nt, nb, 8, 2, r), np.uint8)
     out[:, :, :, 0] = wq & 0xFF
@@ -162,14 +162,14 @@ def _word_bytes(wq: np.ndarray) -> np.ndarray:
 
 
 def tile_q40(blocks: np.ndarray, cols: int | None = None):
-    """Raw Q4_0 blocks uint8 [rows, nb*18] -> (wq uint16[ntile, nb, 8, 64], wd float32[ntile, nb, 64])."""
+    """Raw Q4_0 blocks uint8 [rows, nb*18] -> (wq uint16[ntile, nb, 8, T], wd float32[ntile, nb, T])."""
     blk, rows, nb = _split_blocks(blocks, "q40", cols)
     wd = _tile_scales(_f16(blk[:, :, 0:2]), rows)
     return _nibble_words(blk[:, :, 2:18], rows, 0x88), wd
 
 
 def tile_q41(blocks: np.ndarray, cols: int | None = None):
-    """Raw Q4_1 blocks uint8 [rows, nb*20] -> (wq uint16[ntile, nb, 8, 64], wd, wm float32[ntile, nb, 64])."""
+    """Raw Q4_1 blocks uint8 [rows, nb*20] -> (wq uint16[ntile, nb, 8, T], wd, wm float32[ntile, nb, T])."""
     blk, rows, nb = _split_blocks(blocks, "q41", cols)
     wd = _tile_scales(_f16(blk[:, :, 0:2]), rows)
     wm = _tile_scales(_f16(blk[:, :, 2:4]), rows)
@@ -177,7 +177,7 @@ def tile_q41(blocks: np.ndarray, cols: int | None = None):
 
 
 def tile_q80(blocks: np.ndarray, cols: int | None = None):
-    """Raw Q8_0 blocks uint8 [rows, nb*34] -> (wq int8[ntile, nb, 32, 64], wd float32[ntile, nb, 64])."""
+    """Raw Q8_0 blocks uint8 [rows, nb*34] -> (wq int8[ntile, nb, 32, T], wd float32[ntile, nb, T])."""
     blk, rows, nb = _split_blocks(blocks, "q80", cols)
     wd = _tile_scales(_f16(blk[:, :, 0:2]), rows)
     wq = np.ascontiguousarray(_tile_rows(blk[:, :, 2:34].view(np.int8), rows, 0).transpose(0, 2, 3, 1))
@@ -185,7 +185,7 @@ def tile_q80(blocks: np.ndarray, cols: int | None = None):
 
 
 def tile_f32(w: np.ndarray) -> np.ndarray:
-    """float32 [rows, cols] -> float32 [ntile, cols, 64]."""
+    """float32 [rows, cols] -> float32 [ntile, cols, T]."""
     w = np.asarray(w, dtype=np.float32)
     rows = w.shape[0]
     return np.ascontiguousarray(_tile_rows(w, rows, 0.0).transpose(0, 2, 1))
@@ -217,7 +217,7 @@ def untile(arrays: tuple, qtype: str, rows: int) -> np.ndarray:
         return np.ascontiguousarray(w.transpose(0, 2, 1).reshape(-1, w.shape[1])[:rows])
     if qtype in ("q40", "q41"):
         wq = _word_bytes(arrays[0])
-        q = np.concatenate([wq & 0x0F, wq >> 4], axis=2)           # [nt, nb, 32, 64]
+        q = np.concatenate([wq & 0x0F, wq >> 4], axis=2)           # [nt, nb, 32, T]
         q = q.astype(np.int8)
         if qtype == "q40":
             q = q - np.int8(8)
@@ -230,7 +230,7 @@ def untile(arrays: tuple, qtype: str, rows: int) -> np.ndarray:
     if qtype == "q41":
         vals = vals + arrays[2][:, :, None, :]
     nt, nb = wd.shape[0], wd.shape[1]
-    # [nt, nb, 32, 64] -> [nt, 64, nb, 32] -> [nt*64, nb*32]
+    # [nt, nb, 32, T] -> [nt, T, nb, 32] -> [nt*T, nb*32]
     return np.ascontiguousarray(vals.transpose(0, 3, 1, 2).reshape(nt * T, nb * QK)[:rows])
 
 
@@ -273,7 +273,7 @@ def quantize_q80_ref(x: np.ndarray):
 
 
 def _idot_q4(wq: np.ndarray, qx: np.ndarray, offset: int) -> np.ndarray:
-    """Integer block dots: [B, ntile, nb, 64] of sum_j (q_w - offset) * q_x."""
+    """Integer block dots: [B, ntile, nb, T] of sum_j (q_w - offset) * q_x."""
     wq = _word_bytes(wq)
     lo = (wq & 0x0F).astype(np.int64) - offset
     hi = (wq >> 4).astype(np.int64) - offset

@@ -4,15 +4,17 @@ Every matmul multiplies one activation batch by a *group* of matrices that share
 wv; or w1, w3): one call, one OpenMP loop over the tiles of all of them, so small matrices still
 spread over every thread and each layer makes few calls.
 
-Weight layout ("tiled"): 64 output rows are interleaved per tile so the innermost loop runs over
-the 64 rows of a tile with unit stride (vectorizes to AVX-512).
+Weight layout ("tiled"): 128 output rows are interleaved per tile so the innermost loop runs over
+the 128 rows of a tile with unit stride (vectorizes to AVX-512). 128 rather than 64: each inner
+loop then does 4 vector iterations instead of 2, which amortizes its set-up (runtime alias checks,
+index arithmetic): +30-50% on one thread (measured 2048x2048 .. 8192x2048, B = 1 and 64).
 
-  q40: wq uint16[ntile, nb, 8, 64], wd float32[ntile, nb, 64];            value = d*(q-8)
-  q41: same wq, wd and wm float32[ntile, nb, 64];                        value = d*q + m
+  q40: wq uint16[ntile, nb, 8, 128], wd float32[ntile, nb, 128];          value = d*(q-8)
+  q41: same wq, wd and wm float32[ntile, nb, 128];                        value = d*q + m
        word m of a row packs the GGML block bytes 2m and 2m+1 (little-endian), i.e. four 4-bit
        values: bits 0-3 element 2m, 4-7 element 2m+16, 8-11 element 2m+1, 12-15 element 2m+17
-  q80: wq int8[ntile, nb, 32, 64], wd float32[ntile, nb, 64];            value = d*q
-  f32: w float32[ntile, cols, 64]
+  q80: wq int8[ntile, nb, 32, 128], wd float32[ntile, nb, 128];            value = d*q
+  f32: w float32[ntile, cols, 128]
 
 Activations for quantized weights are Q80-quantized by quantize_q80: qx int8[B, nb, 32],
 dx float32[B, nb], sx int32[B, nb] (sum of the 32 q's of each block, |q| <= 127) and, for the
@@ -121,9 +123,9 @@ def matmul_q40(wqs, wds, xc, sx, dx, outs):
         wq = wqs[i]
         wd = wds[i]
         out = outs[i]
-        acc = np.zeros((B, 64), np.float32)
-        p0 = np.zeros(64, np.int16)
-        p1 = np.zeros(64, np.int16)
+        acc = np.zeros((B, 128), np.float32)
+        p0 = np.zeros(128, np.int16)
+        p1 = np.zeros(128, np.int16)
         s4 = np.uint16(4)
         s8 = np.uint16(8)
         s12 = np.uint16(12)
@@ -137,7 +139,7 @@ def matmul_q40(wqs, wds, xc, sx, dx, outs):
                 e1 = xc[b, k, 1, 1]
                 e2 = xc[b, k, 1, 2]
                 e3 = xc[b, k, 1, 3]
-                for r in range(64):
+                for r in range(128):
                     u = wq[t, k, 0, r]
                     v = wq[t, k, 1, r]
                     p0[r] = (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
@@ -150,7 +152,7 @@ def matmul_q40(wqs, wds, xc, sx, dx, outs):
                 e1 = xc[b, k, 3, 1]
                 e2 = xc[b, k, 3, 2]
                 e3 = xc[b, k, 3, 3]
-                for r in range(64):
+                for r in range(128):
                     u = wq[t, k, 2, r]
                     v = wq[t, k, 3, r]
                     p0[r] += (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
@@ -163,7 +165,7 @@ def matmul_q40(wqs, wds, xc, sx, dx, outs):
                 e1 = xc[b, k, 5, 1]
                 e2 = xc[b, k, 5, 2]
                 e3 = xc[b, k, 5, 3]
-                for r in range(64):
+                for r in range(128):
                     u = wq[t, k, 4, r]
                     v = wq[t, k, 5, r]
                     p1[r] = (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
@@ -176,17 +178,17 @@ def matmul_q40(wqs, wds, xc, sx, dx, outs):
                 e1 = xc[b, k, 7, 1]
                 e2 = xc[b, k, 7, 2]
                 e3 = xc[b, k, 7, 3]
-                for r in range(64):
+                for r in range(128):
                     u = wq[t, k, 6, r]
                     v = wq[t, k, 7, r]
                     p1[r] += (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
                               + np.int16(v) * e0 + np.int16(v >> s4) * e1 + np.int16(v >> s8) * e2 + np.int16(v >> s12) * e3)
                 s = dx[b, k]
                 xs = sx[b, k] * np.int32(8)
-                for r in range(64):
+                for r in range(128):
                     acc[b, r] += np.float32(np.int32(p0[r]) + np.int32(p1[r]) - xs) * (wd[t, k, r] * s)
-        r0 = t * 64
-        n = min(64, out.shape[1] - r0)
+        r0 = t * 128
+        n = min(128, out.shape[1] - r0)
         for b in range(B):
             for r in range(n):
                 out[b, r0 + r] = acc[b, r]
@@ -210,9 +212,9 @@ def matmul_q41(wqs, wds, wms, xc, sx, dx, outs):
         wd = wds[i]
         wm = wms[i]
         out = outs[i]
-        acc = np.zeros((B, 64), np.float32)
-        p0 = np.zeros(64, np.int16)
-        p1 = np.zeros(64, np.int16)
+        acc = np.zeros((B, 128), np.float32)
+        p0 = np.zeros(128, np.int16)
+        p1 = np.zeros(128, np.int16)
         s4 = np.uint16(4)
         s8 = np.uint16(8)
         s12 = np.uint16(12)
@@ -226,7 +228,7 @@ def matmul_q41(wqs, wds, wms, xc, sx, dx, outs):
                 e1 = xc[b, k, 1, 1]
                 e2 = xc[b, k, 1, 2]
                 e3 = xc[b, k, 1, 3]
-                for r in range(64):
+                for r in range(128):
                     u = wq[t, k, 0, r]
                     v = wq[t, k, 1, r]
                     p0[r] = (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
@@ -239,7 +241,7 @@ def matmul_q41(wqs, wds, wms, xc, sx, dx, outs):
                 e1 = xc[b, k, 3, 1]
                 e2 = xc[b, k, 3, 2]
                 e3 = xc[b, k, 3, 3]
-                for r in range(64):
+                for r in range(128):
                     u = wq[t, k, 2, r]
                     v = wq[t, k, 3, r]
                     p0[r] += (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
@@ -252,7 +254,7 @@ def matmul_q41(wqs, wds, wms, xc, sx, dx, outs):
                 e1 = xc[b, k, 5, 1]
                 e2 = xc[b, k, 5, 2]
                 e3 = xc[b, k, 5, 3]
-                for r in range(64):
+                for r in range(128):
                     u = wq[t, k, 4, r]
                     v = wq[t, k, 5, r]
                     p1[r] = (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
@@ -265,18 +267,18 @@ def matmul_q41(wqs, wds, wms, xc, sx, dx, outs):
                 e1 = xc[b, k, 7, 1]
                 e2 = xc[b, k, 7, 2]
                 e3 = xc[b, k, 7, 3]
-                for r in range(64):
+                for r in range(128):
                     u = wq[t, k, 6, r]
                     v = wq[t, k, 7, r]
                     p1[r] += (np.int16(u) * a0 + np.int16(u >> s4) * a1 + np.int16(u >> s8) * a2 + np.int16(u >> s12) * a3
                               + np.int16(v) * e0 + np.int16(v >> s4) * e1 + np.int16(v >> s8) * e2 + np.int16(v >> s12) * e3)
                 s = dx[b, k]
                 ms = s * np.float32(sx[b, k])
-                for r in range(64):
+                for r in range(128):
                     acc[b, r] += (np.float32(np.int32(p0[r]) + np.int32(p1[r])) * (wd[t, k, r] * s)
                                   + wm[t, k, r] * ms)
-        r0 = t * 64
-        n = min(64, out.shape[1] - r0)
+        r0 = t * 128
+        n = min(128, out.shape[1] - r0)
         for b in range(B):
             for r in range(n):
                 out[b, r0 + r] = acc[b, r]
@@ -297,30 +299,30 @@ def matmul_q80(wqs, wds, qx, dx, outs):
         wq = wqs[i]
         wd = wds[i]
         out = outs[i]
-        acc = np.zeros((B, 64), np.float32)
-        idot = np.zeros(64, np.int32)
+        acc = np.zeros((B, 128), np.float32)
+        idot = np.zeros(128, np.int32)
         for k in range(nb):
             for b in range(B):
-                for r in range(64):
+                for r in range(128):
                     idot[r] = np.int32(0)
                 for j in range(0, 32, 2):
                     x0 = np.int16(qx[b, k, j])
                     x1 = np.int16(qx[b, k, j + 1])
-                    for r in range(64):
+                    for r in range(128):
                         idot[r] += np.int32(np.int16(np.int16(wq[t, k, j, r]) * x0
                                                      + np.int16(wq[t, k, j + 1, r]) * x1))
                 s = dx[b, k]
-                for r in range(64):
+                for r in range(128):
                     acc[b, r] += np.float32(idot[r]) * (wd[t, k, r] * s)
-        r0 = t * 64
-        n = min(64, out.shape[1] - r0)
+        r0 = t * 128
+        n = min(128, out.shape[1] - r0)
         for b in range(B):
             for r in range(n):
                 out[b, r0 + r] = acc[b, r]
 
 
 def matmul_f32(ws, x, outs):
-    """w float32[ntile, cols, 64], x float32[B, cols]; acc += w*x over cols in order."""
+    """w float32[ntile, cols, 128], x float32[B, cols]; acc += w*x over cols in order."""
     first = _first_tiles(ws)
     nm = len(ws)
     cols = x.shape[1]
@@ -333,14 +335,14 @@ def matmul_f32(ws, x, outs):
         t = tt - first[i]
         w = ws[i]
         out = outs[i]
-        acc = np.zeros((B, 64), np.float32)
+        acc = np.zeros((B, 128), np.float32)
         for c in range(cols):
             for b in range(B):
                 xv = x[b, c]
-                for r in range(64):
+                for r in range(128):
                     acc[b, r] += w[t, c, r] * xv
-        r0 = t * 64
-        n = min(64, out.shape[1] - r0)
+        r0 = t * 128
+        n = min(128, out.shape[1] - r0)
         for b in range(B):
             for r in range(n):
                 out[b, r0 + r] = acc[b, r]

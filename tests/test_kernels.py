@@ -203,7 +203,7 @@ def test_matmul_writes_only_existing_rows():
     out = big[:, :65].copy()
     K.matmul_q40([wq], [wd], xc, sx, dx, [out])
     np.testing.assert_array_equal(out, Q.matmul_q40_ref(wq, wd, qx, dx, 65))
-    # out narrower than ntile*64: fewer rows requested than tiled -> only those are written
+    # out narrower than ntile*T: fewer rows requested than tiled -> only those are written
     out3 = np.full((2, 10), 7.0, np.float32)
     K.matmul_q40([wq], [wd], xc, sx, dx, [out3])
     np.testing.assert_array_equal(out3, Q.matmul_q40_ref(wq, wd, qx, dx, 65)[:, :10])
@@ -266,15 +266,15 @@ def test_tiling_reproduces_gguf_dequantize(qtype, rows, cols):
     blocks = gq.quantize(W, GGML[qtype])
     assert blocks.dtype == np.uint8 and blocks.shape == (rows, cols // 32 * Q._BLOCK_BYTES[qtype])
     arrays = Q.tile_blocks(blocks, qtype)
-    nt = (rows + 63) // 64
-    assert arrays[0].shape == (nt, cols // 32, 8 if qtype != "q80" else 32, 64)
+    nt = (rows + Q.T - 1) // Q.T
+    assert arrays[0].shape == (nt, cols // 32, 8 if qtype != "q80" else 32, Q.T)
     assert all(a.flags.c_contiguous for a in arrays)
     assert arrays[0].dtype == (np.int8 if qtype == "q80" else np.uint16)
     assert all(a.dtype == np.float32 for a in arrays[1:])
     ref = gq.dequantize(blocks, GGML[qtype])
     np.testing.assert_array_equal(Q.untile(arrays, qtype, rows), ref)
     # padding rows contribute exactly 0
-    full = Q.untile(arrays, qtype, nt * 64)
+    full = Q.untile(arrays, qtype, nt * Q.T)
     assert np.all(full[rows:] == 0)
     # 1-D raw block bytes + cols give the same layout
     arrays1 = Q.tile_blocks(blocks.reshape(-1), qtype, cols=cols)
@@ -291,7 +291,7 @@ def test_raw_block_bytes_match_layout(qtype):
     bb = Q._BLOCK_BYTES[qtype]
     arrays = Q.tile_blocks(blocks, qtype)
     for row in (0, 63, 64, 129):
-        t, rr = divmod(row, 64)
+        t, rr = divmod(row, Q.T)
         for b in range(cols // 32):
             blk = blocks[row, b * bb:(b + 1) * bb]
             assert arrays[1][t, b, rr] == np.float32(blk[0:2].view(np.float16)[0])

@@ -49,7 +49,7 @@ def test_kept_blocks_are_bit_exact(slices, smollm2_gguf):
     blocks = raw.reshape(576, -1, 20)
     d_src = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     with h5py.File(d / "rank-0-of-1.h5") as f:
-        wd = f["layers/03/w2/wd"][()]  # [ntile, nb, 64]
+        wd = f["layers/03/w2/wd"][()]  # [ntile, nb, T]
     tiled = wd.transpose(0, 2, 1).reshape(-1, wd.shape[1])[:576]
     assert np.array_equal(tiled, d_src)
 
