@@ -194,7 +194,7 @@ def plan_job(cfg: ModelConfig, storage: Storage, nodes: int, max_seq_len: int | 
         weights += head + 4 * vectors
         streamed += head + 4 * vectors
         embedding = int(cfg.vocab_size * dim * storage.embed_bytes_per_value) if s.rank == 0 else 0
-        kv = 2 * L * s.n_kv_heads * seq * hd * 4
+        kv = 2 * L * s.n_kv_heads * (-(-seq // 64) * 64) * hd * 4  # positions padded to 64-blocks (model.kv_cache)
         sent, recv = sync_bytes_per_token(cfg, nodes, s.rank, vocab_parts, wire)
         ranks.append(RankPlan(s.rank, s, weights, embedding, kv, buffer_bytes(cfg, s, nodes, seq, s.rank == 0),
                               RUNTIME_BYTES, int(streamed), sent, recv))

@@ -350,8 +350,9 @@ def rope_ref(x, pos, cos, sin, interleaved: bool) -> np.ndarray:
 
 
 def attention_ref(q, kc, vc, slot, pos, kv_of_head, scale) -> np.ndarray:
-    """kc [nslots, nkv, hd, S] (keys transposed), vc [nslots, nkv, S, hd]."""
-    kc = np.swapaxes(kc, 2, 3)
+    """kc [nslots, nkv, S/64, hd, 64] (keys transposed per block of 64 positions), vc [nslots, nkv, S, hd]."""
+    ns, nkv, nblk, hd, _ = kc.shape
+    kc = kc.transpose(0, 1, 2, 4, 3).reshape(ns, nkv, nblk * 64, hd)
     B, nh, hd = q.shape
     out = np.zeros((B, nh, hd), np.float64)
     for b in range(B):

@@ -334,17 +334,17 @@ def test_worked_example_formats_1_3():
 
 def test_kv_store_writes_each_rows_key_and_value():
     r = rng("kvstore")
-    B, nkv, hd, S, nslots = 3, 2, 64, 10, 2
+    B, nkv, hd, S, nslots = 3, 2, 64, 128, 2
     k = r.standard_normal((B, nkv, hd)).astype(np.float32)
     v = r.standard_normal((B, nkv, hd)).astype(np.float32)
     slot = np.array([1, 0, 1], np.int32)
-    pos = np.array([4, 4, 9], np.int32)
-    kc = np.zeros((nslots, nkv, hd, S), np.float32)
+    pos = np.array([4, 4, 70], np.int32)
+    kc = np.zeros((nslots, nkv, 2, hd, 64), np.float32)
     vc = np.zeros((nslots, nkv, S, hd), np.float32)
     K.kv_store(k, v, slot, pos, kc, vc)
     want_k, want_v = np.zeros_like(kc), np.zeros_like(vc)
     for b in range(B):
-        want_k[slot[b], :, :, pos[b]] = k[b]
+        want_k[slot[b], :, pos[b] // 64, :, pos[b] % 64] = k[b]
         want_v[slot[b], :, pos[b]] = v[b]
     np.testing.assert_array_equal(kc, want_k)
     np.testing.assert_array_equal(vc, want_v)
@@ -401,7 +401,7 @@ def test_attention(B, hd):
     r = rng("att", B, hd)
     nh, nkv, S, nslots = 6, 2, 70, 3
     q = r.standard_normal((B, nh, hd)).astype(np.float32)
-    kc = r.standard_normal((nslots, nkv, hd, S)).astype(np.float32)   # keys transposed
+    kc = r.standard_normal((nslots, nkv, 2, hd, 64)).astype(np.float32)   # keys transposed per 64 positions
     vc = r.standard_normal((nslots, nkv, S, hd)).astype(np.float32)
     slot = r.integers(0, nslots, size=B).astype(np.int32)
     pos = r.integers(0, S, size=B).astype(np.int32)
