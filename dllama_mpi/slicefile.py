@@ -27,7 +27,7 @@ from .config import ModelConfig
 from .partition import RankSlice, plan, plan_from_json, plan_to_json
 
 FORMAT = "dllama-mpi-slice"
-VERSION = 2  # 2: q40/q41 values as 16-bit words (kernels/matmul.py)
+VERSION = 3  # 2: q40/q41 values as 16-bit words (kernels/matmul.py); 3: tiles of 128 rows
 KINDS = ("q40", "q41", "q80", "f32")
 _T = gguf.GGMLQuantizationType
 # Block types the kernels multiply directly; anything else is requantized.
@@ -261,6 +261,10 @@ class SliceFile:
                 elif isinstance(obj, h5py.Group):
                     self.attrs[name] = dict(obj.attrs)
             f.visititems(visit)
+        for name, a in self.arrays.items():  # kernel-layout matrices: their tile size must be ours
+            if "kind" in self.attrs.get(name.rsplit("/", 1)[0], {}) and a.shape[-1] != quant.T:
+                raise SliceError(f"{self.path}: {name} has tiles of {a.shape[-1]} rows, this dllama-mpi uses "
+                                 f"{quant.T}: re-slice with this version")
 
     @property
     def slice(self) -> RankSlice:

@@ -112,3 +112,32 @@ def test_slice_bad_inputs(tmp_path, smollm2_gguf):
     zero = dllama("slice", smollm2_gguf, "--nodes", 0, "--out", tmp_path / "z", check=False)
     assert zero.returncode != 0 and len(error_lines(zero.stderr)) == 1 and "--nodes" in zero.stderr
     assert not (tmp_path / "z").exists()
+
+
+def test_slices_of_another_layout_are_refused(slices, tmp_path):
+    """A slice file of another format version, or whose matrices are tiled differently than the
+    kernels expect, is refused with one line that says to re-slice (never read as garbage)."""
+    import shutil
+    from dllama_mpi.quant import T
+    from dllama_mpi.slicefile import VERSION, SliceError, SliceFile
+    src = slices("auto", 1) / "rank-0-of-1.h5"
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(src, old / src.name)
+    with h5py.File(old / src.name, "r+") as f:
+        f.attrs["version"] = VERSION - 1
+    proc = dllama("infer", "--model", old, "--prompt", "Hi", "--steps", 1, check=False)
+    assert proc.returncode != 0
+    (line,) = error_lines(proc.stderr)
+    assert f"slice format version {VERSION - 1}" in line and "re-slice" in line
+
+    retiled = tmp_path / "retiled"
+    retiled.mkdir()
+    shutil.copy(src, retiled / src.name)
+    with h5py.File(retiled / src.name, "r+") as f:
+        wd = f["layers/00/w2/wd"][()]                       # [ntile, nb, T]
+        del f["layers/00/w2/wd"]
+        f.create_dataset("layers/00/w2/wd", data=wd.reshape(wd.shape[0], wd.shape[1], 2, T // 2)
+                         .transpose(0, 2, 1, 3).reshape(-1, wd.shape[1], T // 2))
+    with pytest.raises(SliceError, match=f"layers/00/w2/wd has tiles of {T // 2} rows.*re-slice"):
+        SliceFile(retiled / src.name)
