@@ -131,6 +131,9 @@ def matmul_q40(wqs, wds, xc, sx, dx, outs):
         s12 = np.uint16(12)
         for k in range(nb):
             for b in range(B):
+                # p0 = words 0-3 (16 values), p1 = words 4-7: each half's true sum fits int16, a
+                # whole block's (up to 32 * 15 * 127) would not. The four loops are written out:
+                # a loop over word pairs ran 10-25% slower at batch 64 (measured).
                 a0 = xc[b, k, 0, 0]
                 a1 = xc[b, k, 0, 1]
                 a2 = xc[b, k, 0, 2]
@@ -220,6 +223,9 @@ def matmul_q41(wqs, wds, wms, xc, sx, dx, outs):
         s12 = np.uint16(12)
         for k in range(nb):
             for b in range(B):
+                # p0 = words 0-3 (16 values), p1 = words 4-7: each half's true sum fits int16, a
+                # whole block's (up to 32 * 15 * 127) would not. The four loops are written out:
+                # a loop over word pairs ran 10-25% slower at batch 64 (measured).
                 a0 = xc[b, k, 0, 0]
                 a1 = xc[b, k, 0, 1]
                 a2 = xc[b, k, 0, 2]
