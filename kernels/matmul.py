@@ -106,6 +106,14 @@ def _first_tiles(ws):
     return first
 
 
+def _tile_of(first, tt):
+    """(matrix i, its tile t) of tile tt of the group's tile sequence."""
+    i = 0
+    while tt >= first[i + 1]:
+        i += 1
+    return i, tt - first[i]
+
+
 def matmul_q40(wqs, wds, xc, sx, dx, outs):
     """outs[i][b, r] = sum_c W_i[r, c] x[b, c] for r < outs[i].shape[1].
 
@@ -116,10 +124,7 @@ def matmul_q40(wqs, wds, xc, sx, dx, outs):
     B = xc.shape[0]
     #omp parallel for schedule(static)
     for tt in range(first[nm]):
-        i = 0
-        while tt >= first[i + 1]:
-            i += 1
-        t = tt - first[i]
+        i, t = _tile_of(first, tt)
         wq = wqs[i]
         wd = wds[i]
         out = outs[i]
@@ -207,10 +212,7 @@ def matmul_q41(wqs, wds, wms, xc, sx, dx, outs):
     B = xc.shape[0]
     #omp parallel for schedule(static)
     for tt in range(first[nm]):
-        i = 0
-        while tt >= first[i + 1]:
-            i += 1
-        t = tt - first[i]
+        i, t = _tile_of(first, tt)
         wq = wqs[i]
         wd = wds[i]
         wm = wms[i]
@@ -298,10 +300,7 @@ def matmul_q80(wqs, wds, qx, dx, outs):
     B = qx.shape[0]
     #omp parallel for schedule(static)
     for tt in range(first[nm]):
-        i = 0
-        while tt >= first[i + 1]:
-            i += 1
-        t = tt - first[i]
+        i, t = _tile_of(first, tt)
         wq = wqs[i]
         wd = wds[i]
         out = outs[i]
@@ -335,10 +334,7 @@ def matmul_f32(ws, x, outs):
     B = x.shape[0]
     #omp parallel for schedule(static)
     for tt in range(first[nm]):
-        i = 0
-        while tt >= first[i + 1]:
-            i += 1
-        t = tt - first[i]
+        i, t = _tile_of(first, tt)
         w = ws[i]
         out = outs[i]
         acc = np.zeros((B, 128), np.float32)
