@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 
 from . import kernels as K
+from .quant import KV_BLOCK, kv_positions
 from .buffers import Buffers
 from .collectives import Collectives
 from .slicefile import SliceFile
@@ -101,15 +102,15 @@ class Layer:
 
 def kv_cache(n_layers: int, shape: tuple, storage: str, kv_dir, rank: int):
     """Per-layer K and V arrays, float32: V of `shape` [slots, kv heads, positions, head_dim]
-    (positions a multiple of 64), K [slots, kv heads, positions/64, head_dim, 64] (keys
-    transposed per block of 64 positions: see kernels/ops.py attention).
+    (positions a multiple of KV_BLOCK = 64), K [slots, kv heads, positions/64, head_dim, 64]
+    (keys transposed per block of 64 positions: see kernels/ops.py attention).
 
     memory: np.zeros maps untouched pages lazily, so memory grows with the positions used.
     disk: all layers' K and V in one memory-mapped file in kv_dir (default $TMPDIR), so the
     page cache may evict it. The file is unlinked as soon as it is mapped: it takes disk space
     until the process ends (however it ends) and is never left behind."""
     per_layer = int(np.prod(shape))
-    kshape = shape[:2] + (shape[2] // 64, shape[3], 64)
+    kshape = shape[:2] + (shape[2] // KV_BLOCK, shape[3], KV_BLOCK)
     if storage == "disk" and per_layer:
         import mmap
         import os
@@ -151,7 +152,7 @@ class RankModel:
         angles = np.arange(max_seq_len, dtype=np.float64)[:, None] * cfg.rope_inv_freq()[None, :]
         self.cos, self.sin = np.cos(angles).astype(F32), np.sin(angles).astype(F32)
         # KV cache of this rank's KV heads, per layer: [slot, kv head, position, head_dim]
-        shape = (n_slots, self.nkv, -(-max_seq_len // 64) * 64, self.hd)
+        shape = (n_slots, self.nkv, kv_positions(max_seq_len), self.hd)
         self.k_cache, self.v_cache = kv_cache(len(self.layers), shape, kv_storage, kv_dir, comm.rank)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:

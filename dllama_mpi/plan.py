@@ -23,6 +23,7 @@ import re
 from .config import SHAPES, ModelConfig
 from .partition import RankSlice, plan as partition_plan
 from .quant import T as TILE  # output rows per kernel tile: a matrix part's rows are padded to a multiple
+from .quant import kv_positions
 
 # Bytes per weight as the slice file stores each kind (kernel layout, float32 scales):
 # q40 = 16 B of nibbles + a 4 B scale per 32 values, q41 adds a 4 B minimum, q80 = 32 int8 + 4 B.
@@ -194,7 +195,7 @@ def plan_job(cfg: ModelConfig, storage: Storage, nodes: int, max_seq_len: int | 
         weights += head + 4 * vectors
         streamed += head + 4 * vectors
         embedding = int(cfg.vocab_size * dim * storage.embed_bytes_per_value) if s.rank == 0 else 0
-        kv = 2 * L * s.n_kv_heads * (-(-seq // 64) * 64) * hd * 4  # positions padded to 64-blocks (model.kv_cache)
+        kv = 2 * L * s.n_kv_heads * kv_positions(seq) * hd * 4
         sent, recv = sync_bytes_per_token(cfg, nodes, s.rank, vocab_parts, wire)
         ranks.append(RankPlan(s.rank, s, weights, embedding, kv, buffer_bytes(cfg, s, nodes, seq, s.rank == 0),
                               RUNTIME_BYTES, int(streamed), sent, recv))

@@ -26,6 +26,12 @@ from gguf import GGMLQuantizationType
 from gguf import quants as _gq
 
 T = 128          # output rows per tile (the kernels' loops are written for it: kernels/matmul.py)
+KV_BLOCK = 64    # key-cache positions per block (kernels/ops.py attention and kv_store are written for it)
+
+
+def kv_positions(max_seq_len: int) -> int:
+    """Positions the KV cache holds for --max-seq-len: rounded up to whole key blocks."""
+    return -(-max_seq_len // KV_BLOCK) * KV_BLOCK
 QK = 32          # elements per quant block
 
 _BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
@@ -352,7 +358,7 @@ def rope_ref(x, pos, cos, sin, interleaved: bool) -> np.ndarray:
 def attention_ref(q, kc, vc, slot, pos, kv_of_head, scale) -> np.ndarray:
     """kc [nslots, nkv, S/64, hd, 64] (keys transposed per block of 64 positions), vc [nslots, nkv, S, hd]."""
     ns, nkv, nblk, hd, _ = kc.shape
-    kc = kc.transpose(0, 1, 2, 4, 3).reshape(ns, nkv, nblk * 64, hd)
+    kc = kc.transpose(0, 1, 2, 4, 3).reshape(ns, nkv, nblk * KV_BLOCK, hd)
     B, nh, hd = q.shape
     out = np.zeros((B, nh, hd), np.float64)
     for b in range(B):
