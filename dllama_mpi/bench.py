@@ -92,7 +92,7 @@ def measure_bandwidth(kernels, comm, nbytes: int = 256 << 20, repeats: int = 5) 
     time (they share the machine's memory); one number per repeat.
 
     Measured in a forked child, so the buffer (8x the L3 cache here) never counts in the rank's
-    peak RSS. Call it before the rank's first OpenMP kernel: libgomp's threads do not survive fork."""
+    peak RSS. Call it before the rank's first OpenMP kernel: the runtime's threads do not survive fork."""
     import os
     import struct
     comm.comm.Barrier()
