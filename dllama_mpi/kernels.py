@@ -16,8 +16,8 @@ try:
     from dllama_mpi import _matmul, _ops
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
-        "compiled kernels missing: run `make install` (pip install --no-build-isolation "
-        f"-Cbuild-dir=build/pip .) to build dllama_mpi._matmul/_ops ({exc})"
+        "compiled kernels missing: run `make install` (it builds dllama_mpi._matmul/_ops with "
+        f"pip install --no-build-isolation .) ({exc})"
     ) from exc
 
 quantize_q80 = _matmul.quantize_q80
