@@ -78,11 +78,20 @@ def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
     Keys are stored transposed so that the scores of 64 positions build up together, one
     dimension d at a time, with unit stride (vectorized over positions, no horizontal sums);
     in blocks of 64 positions so that a block is 16 KB of consecutive memory (a plain [hd, S]
-    layout puts its rows S*4 bytes apart, in the same cache sets: measured ~20% slower at S = 4096)."""
+    layout puts its rows S*4 bytes apart, in the same cache sets: measured ~20% slower at S = 4096).
+
+    Speed: every loop that updates an array in memory (scores, acc) adds 8 products per update,
+    not 1, because such a loop is bound by the latency of each element's load-add-store. The max
+    and the sum go through 16 lanes, and exp runs over whole blocks, so that they vectorize
+    (clang maps exp to glibc's vector expf: see meson.build). Measured against the one-product
+    loops: 1.4-2.2x in a microbenchmark (257 positions, B = 1 and 64, 1 and 2 threads), 1.2-1.6x
+    inside a model run, where the KV cache comes from memory. The summation order is not a plain
+    loop's: the tests compare with a float64 reference."""
     B = q.shape[0]
     nh = q.shape[1]
     hd = q.shape[2]
     sc = np.float32(scale)
+    lowest = np.float32(-3.0e38)
     #omp parallel for schedule(dynamic)
     for bh in range(B * nh):
         b = bh // nh
@@ -92,40 +101,86 @@ def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
         kv = kv_of_head[h]
         n = pos[b] + 1
         nblk = (n + 63) // 64
-        zero = np.float32(0.0)
-        scores = np.zeros(nblk * 64, np.float32)   # positions >= n are computed, then ignored
-        acc = np.zeros(hd, np.float32)
+        qs = np.empty(hd, np.float32)
+        for d in range(hd):
+            qs[d] = q[b, h, d] * sc
+        scores = np.zeros(nblk * 64, np.float32)
         for tb in range(nblk):
-            for d in range(hd):
-                qd = q[b, h, d]
+            d = 0
+            while d + 8 <= hd:
+                q0 = qs[d]
+                q1 = qs[d + 1]
+                q2 = qs[d + 2]
+                q3 = qs[d + 3]
+                q4 = qs[d + 4]
+                q5 = qs[d + 5]
+                q6 = qs[d + 6]
+                q7 = qs[d + 7]
+                for l in range(64):
+                    scores[tb * 64 + l] += (((q0 * kc[sl, kv, tb, d, l] + q1 * kc[sl, kv, tb, d + 1, l])
+                                             + (q2 * kc[sl, kv, tb, d + 2, l] + q3 * kc[sl, kv, tb, d + 3, l]))
+                                            + ((q4 * kc[sl, kv, tb, d + 4, l] + q5 * kc[sl, kv, tb, d + 5, l])
+                                               + (q6 * kc[sl, kv, tb, d + 6, l] + q7 * kc[sl, kv, tb, d + 7, l])))
+                d += 8
+            while d < hd:
+                qd = qs[d]
                 for l in range(64):
                     scores[tb * 64 + l] += qd * kc[sl, kv, tb, d, l]
-        mx = np.float32(-3.0e38)
-        for t in range(n):
-            s = scores[t] * sc
-            scores[t] = s
-            if s > mx:
-                mx = s
-        tot = zero
-        for t in range(n):
-            e = np.exp(scores[t] - mx)
-            scores[t] = e
-            tot += e
-        for t in range(n):
+                d += 1
+        for t in range(n, nblk * 64):   # positions past n: exp() of them is 0
+            scores[t] = lowest
+        lanes = np.full(16, lowest, np.float32)
+        for c in range(nblk * 4):
+            for l in range(16):
+                lanes[l] = max(lanes[l], scores[c * 16 + l])
+        mx = lowest
+        for l in range(16):
+            mx = max(mx, lanes[l])
+        for t in range(nblk * 64):
+            scores[t] = np.exp(scores[t] - mx)
+        for l in range(16):
+            lanes[l] = np.float32(0.0)
+        for c in range(nblk * 4):
+            for l in range(16):
+                lanes[l] += scores[c * 16 + l]
+        tot = np.float32(0.0)
+        for l in range(16):
+            tot += lanes[l]
+        acc = np.zeros(hd, np.float32)
+        t = 0
+        while t + 8 <= n:
+            a0 = scores[t]
+            a1 = scores[t + 1]
+            a2 = scores[t + 2]
+            a3 = scores[t + 3]
+            a4 = scores[t + 4]
+            a5 = scores[t + 5]
+            a6 = scores[t + 6]
+            a7 = scores[t + 7]
+            for d in range(hd):
+                acc[d] += (((a0 * vc[sl, kv, t, d] + a1 * vc[sl, kv, t + 1, d])
+                            + (a2 * vc[sl, kv, t + 2, d] + a3 * vc[sl, kv, t + 3, d]))
+                           + ((a4 * vc[sl, kv, t + 4, d] + a5 * vc[sl, kv, t + 5, d])
+                              + (a6 * vc[sl, kv, t + 6, d] + a7 * vc[sl, kv, t + 7, d])))
+            t += 8
+        while t < n:
             a = scores[t]
             for d in range(hd):
                 acc[d] += a * vc[sl, kv, t, d]
+            t += 1
         inv = np.float32(1.0) / tot
         for d in range(hd):
             out[b, h, d] = acc[d] * inv
 
 
 def silu_mul(a, b):
-    """In place: a = a / (1 + exp(-a)) * b."""
+    """In place: a = a / (1 + exp(-a)) * b.
+
+    One thread: clang vectorizes exp here (meson.build) but not inside an OpenMP loop, and one
+    thread's vectorized loop was 3x faster than two threads' scalar ones (measured, B = 64)."""
     B = a.shape[0]
     n = a.shape[1]
     one = np.float32(1.0)
-    #omp parallel for if(B > 1)
     for i in range(B):
         for j in range(n):
             v = a[i, j]
