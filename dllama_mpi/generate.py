@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from .engine import Engine
+from .plan import PREFILL_CHUNK
 from .sampling import Sampler
 
 
@@ -14,7 +15,7 @@ class UsageError(Exception):
     """Bad user input found on the root after the job started; the job stops cleanly."""
 
 
-def prefill(engine: Engine, ids: list[int], slot: int = 0, start: int = 0, chunk: int = 64,
+def prefill(engine: Engine, ids: list[int], slot: int = 0, start: int = 0, chunk: int = PREFILL_CHUNK,
             all_logits: bool = False) -> np.ndarray:
     """Feed ids at positions start.. in chunks (one pair of syncs per layer per chunk).
     Returns the logits of the last position, or of every position with all_logits."""
