@@ -80,13 +80,15 @@ def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
     in blocks of 64 positions so that a block is 16 KB of consecutive memory (a plain [hd, S]
     layout puts its rows S*4 bytes apart, in the same cache sets: measured ~20% slower at S = 4096).
 
-    Speed: every loop that updates an array in memory (scores, acc) adds 8 products per update,
-    not 1, because such a loop is bound by the latency of each element's load-add-store. The max
-    and the sum go through 16 lanes, and exp runs over whole blocks, so that they vectorize
-    (clang maps exp to glibc's vector expf: see meson.build). Measured against the one-product
-    loops: 1.4-2.2x in a microbenchmark (257 positions, B = 1 and 64, 1 and 2 threads), 1.2-1.6x
-    inside a model run, where the KV cache comes from memory. The summation order is not a plain
-    loop's: the tests compare with a float64 reference."""
+    Speed: the loops that update an array in memory add 2 (scores) and 4 (acc) products per
+    update, not 1, because such a loop is bound by the latency of each element's load-add-store.
+    More at once ran clang's build faster still (8: another 1.2-1.4x) but gcc 12 stops
+    vectorizing those loops (2x slower than the one-product loops); 2 and 4 are faster with both.
+    The max and the sum go through 16 lanes, and exp runs over whole blocks, so that they
+    vectorize (clang maps exp to glibc's vector expf: see meson.build). Measured against the
+    one-product loops at 257 positions (B = 1 and 64, 1 and 2 threads): 1.3-1.6x with clang 19,
+    1.1-1.5x with gcc 12. The summation order is not a plain loop's: the tests compare with a
+    float64 reference."""
     B = q.shape[0]
     nh = q.shape[1]
     hd = q.shape[2]
@@ -107,26 +109,16 @@ def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
         scores = np.zeros(nblk * 64, np.float32)
         for tb in range(nblk):
             d = 0
-            while d + 8 <= hd:
+            while d + 2 <= hd:
                 q0 = qs[d]
                 q1 = qs[d + 1]
-                q2 = qs[d + 2]
-                q3 = qs[d + 3]
-                q4 = qs[d + 4]
-                q5 = qs[d + 5]
-                q6 = qs[d + 6]
-                q7 = qs[d + 7]
                 for l in range(64):
-                    scores[tb * 64 + l] += (((q0 * kc[sl, kv, tb, d, l] + q1 * kc[sl, kv, tb, d + 1, l])
-                                             + (q2 * kc[sl, kv, tb, d + 2, l] + q3 * kc[sl, kv, tb, d + 3, l]))
-                                            + ((q4 * kc[sl, kv, tb, d + 4, l] + q5 * kc[sl, kv, tb, d + 5, l])
-                                               + (q6 * kc[sl, kv, tb, d + 6, l] + q7 * kc[sl, kv, tb, d + 7, l])))
-                d += 8
-            while d < hd:
+                    scores[tb * 64 + l] += q0 * kc[sl, kv, tb, d, l] + q1 * kc[sl, kv, tb, d + 1, l]
+                d += 2
+            if d < hd:
                 qd = qs[d]
                 for l in range(64):
                     scores[tb * 64 + l] += qd * kc[sl, kv, tb, d, l]
-                d += 1
         for t in range(n, nblk * 64):   # positions past n: exp() of them is 0
             scores[t] = lowest
         lanes = np.full(16, lowest, np.float32)
@@ -148,21 +140,15 @@ def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
             tot += lanes[l]
         acc = np.zeros(hd, np.float32)
         t = 0
-        while t + 8 <= n:
+        while t + 4 <= n:
             a0 = scores[t]
             a1 = scores[t + 1]
             a2 = scores[t + 2]
             a3 = scores[t + 3]
-            a4 = scores[t + 4]
-            a5 = scores[t + 5]
-            a6 = scores[t + 6]
-            a7 = scores[t + 7]
             for d in range(hd):
-                acc[d] += (((a0 * vc[sl, kv, t, d] + a1 * vc[sl, kv, t + 1, d])
-                            + (a2 * vc[sl, kv, t + 2, d] + a3 * vc[sl, kv, t + 3, d]))
-                           + ((a4 * vc[sl, kv, t + 4, d] + a5 * vc[sl, kv, t + 5, d])
-                              + (a6 * vc[sl, kv, t + 6, d] + a7 * vc[sl, kv, t + 7, d])))
-            t += 8
+                acc[d] += ((a0 * vc[sl, kv, t, d] + a1 * vc[sl, kv, t + 1, d])
+                           + (a2 * vc[sl, kv, t + 2, d] + a3 * vc[sl, kv, t + 3, d]))
+            t += 4
         while t < n:
             a = scores[t]
             for d in range(hd):
