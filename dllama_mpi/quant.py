@@ -27,11 +27,6 @@ from gguf import quants as _gq
 
 T = 128          # output rows per tile (the kernels' loops are written for it: kernels/matmul.py)
 KV_BLOCK = 64    # key-cache positions per block (kernels/ops.py attention and kv_store are written for it)
-
-
-def kv_positions(max_seq_len: int) -> int:
-    """Positions the KV cache holds for --max-seq-len: rounded up to whole key blocks."""
-    return -(-max_seq_len // KV_BLOCK) * KV_BLOCK
 QK = 32          # elements per quant block
 
 _BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
@@ -41,6 +36,11 @@ _GGML_TYPE = {
     "q80": GGMLQuantizationType.Q8_0,
 }
 QTYPES = ("q40", "q41", "q80", "f32")
+
+
+def kv_positions(max_seq_len: int) -> int:
+    """Positions the KV cache holds for --max-seq-len: rounded up to whole key blocks."""
+    return -(-max_seq_len // KV_BLOCK) * KV_BLOCK
 
 
 def ntiles(rows: int) -> int:
