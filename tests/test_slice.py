@@ -37,6 +37,11 @@ def test_slice_set_is_self_describing(slices, smollm2_gguf):
             for name in ("layers/00/wq/wq", "layers/29/w2/wd", "output/wq"):
                 assert f[name].id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS
                 assert f[name].compression is None
+            # kernel arrays start on cache lines once memory-mapped (the mapping is page-aligned)
+            offsets = []
+            f.visititems(lambda n, o: offsets.append((n, o.id.get_offset())) if isinstance(o, h5py.Dataset)
+                         and o.nbytes >= 1024 else None)
+            assert len(offsets) > 300 and [n for n, off in offsets if off % 64] == []
     assert len(digests) == 1
 
 
