@@ -20,22 +20,53 @@ from .readers import expected_shape
 BLOCKS = {"q40": ((8,), np.uint16), "q41": ((8,), np.uint16), "q80": ((32,), np.int8)}
 
 
-def random_matrix(kind: str, rows: int, cols: int, rng) -> dict:
-    """Arrays of a [rows, cols] matrix in the tiled kernel layout of `kind` (see quant.py)."""
+def matrix_arrays(kind: str, rows: int, cols: int) -> dict:
+    """name -> (shape, dtype) of the arrays of a [rows, cols] matrix in the tiled kernel layout."""
     ntile, nb = -(-rows // T), cols // 32
-
-    def rand_bytes(shape, dtype):
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        return np.frombuffer(rng.bytes(n), dtype).reshape(shape)
-
     if kind == "f32":
-        return {"w": (rng.standard_normal((ntile, cols, T), np.float32) * 0.02)}
-    scale = rng.uniform(0.002, 0.01, (ntile, nb, T)).astype(np.float32)
+        return {"w": ((ntile, cols, T), np.float32)}
     shape, dtype = BLOCKS[kind]
-    out = {"wq": rand_bytes((ntile, nb) + shape + (T,), dtype), "wd": scale}
+    out = {"wq": ((ntile, nb) + shape + (T,), dtype), "wd": ((ntile, nb, T), np.float32)}
     if kind == "q41":
-        out["wm"] = -8 * scale
+        out["wm"] = ((ntile, nb, T), np.float32)
     return out
+
+
+def random_matrix(kind: str, rows: int, cols: int, rng, alloc=np.empty) -> dict:
+    """Arrays of a [rows, cols] matrix in the tiled kernel layout of `kind` (see quant.py), random
+    values, in arrays made by alloc(shape, dtype)."""
+    a = {name: alloc(shape, dtype) for name, (shape, dtype) in matrix_arrays(kind, rows, cols).items()}
+    if kind == "f32":
+        a["w"][...] = rng.standard_normal(a["w"].shape, np.float32) * 0.02
+        return a
+    a["wq"].reshape(-1).view(np.uint8)[:] = np.frombuffer(rng.bytes(a["wq"].nbytes), np.uint8)
+    a["wd"][...] = rng.uniform(0.002, 0.01, a["wd"].shape)
+    if kind == "q41":
+        a["wm"][...] = -8 * a["wd"]
+    return a
+
+
+class Arena:
+    """One buffer for all of a rank's matrices, each array 64-byte aligned, in the order of the
+    slice file: the layout a memory-mapped slice file gives infer. Separately allocated arrays
+    end up scattered over memory, and streaming them ran SmolLM2's decode 5-7% slower (measured
+    in alternating runs)."""
+
+    ALIGN = 64
+
+    def __init__(self, nbytes: int):
+        self.buf = np.empty(nbytes + self.ALIGN, np.uint8)
+        self.off = -self.buf.ctypes.data % self.ALIGN
+
+    @classmethod
+    def size(cls, shapes) -> int:
+        return sum(-(-int(np.prod(s)) * np.dtype(d).itemsize // cls.ALIGN) * cls.ALIGN for s, d in shapes)
+
+    def __call__(self, shape, dtype) -> np.ndarray:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        a = self.buf[self.off:self.off + n].view(dtype).reshape(shape)
+        self.off += -(-n // self.ALIGN) * self.ALIGN
+        return a
 
 
 class RandomSlice:
@@ -48,7 +79,10 @@ class RandomSlice:
         rng = np.random.default_rng(seed * 1000 + rank)
         self.vectors, self.matrices = {}, {}
         s = self.plan[rank]
-        for how, name in slicefile.tensor_plan(cfg):
+        steps = slicefile.tensor_plan(cfg)
+        arena = Arena(Arena.size(shape for how, name in steps if how == "matrix"
+                                 for shape in matrix_arrays(*self._part(name, kind, head, s)).values()))
+        for how, name in steps:
             if how == "replicated":
                 shape = expected_shape(cfg, name)
                 self.vectors[name] = (rng.standard_normal(shape, np.float32) * 0.02 if name.endswith("router")
@@ -57,15 +91,19 @@ class RandomSlice:
                 (r0, r1), _ = slicefile._matrix_parts(cfg, name, s)
                 self.vectors[name] = np.zeros(r1 - r0, np.float32)
             elif how == "matrix":
-                (r0, r1), (c0, c1) = slicefile._matrix_parts(cfg, name, s)
-                k = head if name == "output" else kind
-                self.matrices[name] = (k, r1 - r0, c1 - c0, random_matrix(k, r1 - r0, c1 - c0, rng))
+                k, rows, cols = self._part(name, kind, head, s)
+                self.matrices[name] = (k, rows, cols, random_matrix(k, rows, cols, rng, arena))
         # f32 embedding rows: only the first EMBED_ROWS are filled (bench tokens come from there),
         # the rest stays untouched zero pages
         self.embed = np.zeros((cfg.vocab_size, cfg.dim * 4), np.uint8) if rank == 0 else None
         if rank == 0:
             rows = min(EMBED_ROWS, cfg.vocab_size)
             self.embed[:rows] = (rng.standard_normal((rows, cfg.dim), np.float32)).view(np.uint8)
+
+    def _part(self, name, kind, head, s):
+        """(kind, rows, cols) of this rank's part of matrix `name`."""
+        (r0, r1), (c0, c1) = slicefile._matrix_parts(self.config, name, s)
+        return (head if name == "output" else kind), r1 - r0, c1 - c0
 
     @property
     def slice(self):

@@ -49,3 +49,23 @@ def test_ring_sends_less_than_allgather_from_three_ranks():
         assert busiest("ring", n) < busiest("allgather", n)
     # the original's busiest worker sends 963,840 B per token for Llama 3.1 8B on 4 nodes
     assert busiest("auto", 4) <= 0.5 * 963_840
+
+
+def test_random_weights_are_laid_out_like_a_slice_file():
+    """One buffer, in slice-file order, every array 64-byte aligned and C-contiguous (what the
+    kernels get from a memory-mapped slice file), values of the kernel layout's kinds."""
+    import numpy as np
+    from dllama_mpi.bench import RandomSlice
+    from dllama_mpi.config import SHAPES
+
+    rs = RandomSlice(SHAPES["smollm2-135m"], 2, 1, "q41", "q80")
+    arrays = [a for _, _, _, parts in rs.matrices.values() for a in parts.values()]
+    assert len(arrays) == 30 * 7 * 3 + 2
+    assert all(a.ctypes.data % 64 == 0 and a.flags.c_contiguous for a in arrays)
+    starts = [a.ctypes.data for a in arrays]
+    assert starts == sorted(starts) and starts[-1] + arrays[-1].nbytes - starts[0] < sum(a.nbytes for a in arrays) + 64 * len(arrays)
+    kind, rows, cols, out = rs.matrices["output"]
+    assert (kind, rows, cols) == ("q80", 24576, 576) and out["wq"].dtype == np.int8
+    kind, rows, cols, wq = rs.matrices["layers.3.wq"]
+    assert (kind, rows, cols) == ("q41", 256, 576)  # rank 1 of 2: query heads 5-8
+    assert np.array_equal(wq["wm"], -8 * wq["wd"]) and (wq["wd"] > 0).all()
