@@ -20,7 +20,6 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         f"pip install --no-build-isolation .) ({exc})"
     ) from exc
 
-quantize_q80 = _matmul.quantize_q80
 matmul_q40 = _matmul.matmul_q40
 matmul_q41 = _matmul.matmul_q41
 matmul_q80 = _matmul.matmul_q80
@@ -32,11 +31,16 @@ rope = _ops.rope
 attention = _ops.attention
 kv_store = _ops.kv_store
 silu_mul = _ops.silu_mul
+quantize_q80 = _ops.quantize_q80
+rmsnorm_q80 = _ops.rmsnorm_q80
+silu_mul_q80 = _ops.silu_mul_q80
+rope_store = _ops.rope_store
 read_sum = _ops.read_sum
 
 __all__ = [
     "quantize_q80", "matmul_q40", "matmul_q41", "matmul_q80", "matmul_f32", "dequant_sum_q80",
     "rmsnorm", "rope", "attention", "kv_store", "silu_mul", "read_sum",
+    "rmsnorm_q80", "silu_mul_q80", "rope_store",
 ]
 # Threads: the OpenMP runtime reads OMP_NUM_THREADS once, at the first parallel region, so the
 # caller sets it before importing this module (the CLI does, from --nthreads). With one MPI rank

@@ -20,7 +20,8 @@ F32 = np.float32
 
 
 class Activation:
-    """An input batch x [B, n] and its Q80 encoding (made once, on first use, into buffers)."""
+    """An input batch x [B, n] and its Q80 encoding (made once, into buffers: on first use, or
+    by the fused kernel that makes x)."""
 
     def __init__(self, x: np.ndarray, bufs: Buffers, name: str):
         self.x, self.bufs, self.name = x, bufs, name
@@ -29,8 +30,13 @@ class Activation:
     def q80(self):
         """(qx, dx, sx, xc): see kernels/matmul.py."""
         if self._q80 is None:
-            self._q80 = self.bufs.q80(self.name + ".q80", *self.x.shape)
-            K.quantize_q80(self.x, *self._q80)
+            K.quantize_q80(self.x, *self.q80_to_fill())
+        return self._q80
+
+    def q80_to_fill(self):
+        """The Q80 buffers, for a fused kernel (rmsnorm_q80, silu_mul_q80) that makes x and its
+        encoding in one call."""
+        self._q80 = self.bufs.q80(self.name + ".q80", *self.x.shape)
         return self._q80
 
 
@@ -78,8 +84,9 @@ class FFN:
     def __call__(self, act: Activation, out: np.ndarray) -> np.ndarray:
         b, bufs = act.x.shape[0], act.bufs
         gate, up = self.w13(act, [bufs("gate", (b, self.hidden)), bufs("up", (b, self.hidden))])
-        K.silu_mul(gate, up)
-        return self.w2(Activation(gate, bufs, "gate"), [out])[0]
+        act = Activation(gate, bufs, "gate")
+        K.silu_mul_q80(gate, up, *act.q80_to_fill())
+        return self.w2(act, [out])[0]
 
 
 class Layer:
@@ -205,8 +212,9 @@ class RankModel:
         att = bufs("att", (b, self.nh, self.hd))
         for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             # attention: this rank's query heads and the KV heads they read
-            K.rmsnorm(x, layer.attn_norm, eps, h)
-            q, k, v = layer.qkv(Activation(h, bufs, "h"), qkv)
+            act = Activation(h, bufs, "h")
+            K.rmsnorm_q80(x, layer.attn_norm, eps, h, *act.q80_to_fill())
+            q, k, v = layer.qkv(act, qkv)
             if cfg.attn_bias:
                 q += layer.bq
                 k += layer.bk
@@ -218,29 +226,28 @@ class RankModel:
                 if cfg.qk_norm:
                     q = self._head_norm(q, layer.q_norm)
                     k = self._head_norm(k, layer.k_norm)
-                K.rope(q, pos, self.cos, self.sin, cfg.rope_interleaved)
-                K.rope(k, pos, self.cos, self.sin, cfg.rope_interleaved)
-                K.kv_store(k, v, slots, pos, kc, vc)
+                K.rope_store(q, k, v, slots, pos, self.cos, self.sin, cfg.rope_interleaved, kc, vc)
                 K.attention(q, kc, vc, slots, pos, self.kv_of_head, scale, att)
             layer.wo(Activation(att.reshape(b, self.nh * self.hd), bufs, "att"), [part])
             comm.allreduce_sum(part, wire, K)
             x += part
             # feed-forward: this rank's FFN rows (SwiGLU)
-            K.rmsnorm(x, layer.ffn_norm, eps, h)
+            act = Activation(h, bufs, "h")
+            K.rmsnorm_q80(x, layer.ffn_norm, eps, h, *act.q80_to_fill())
             if cfg.n_experts:
-                part[...] = self._moe(layer, Activation(h, bufs, "h"))
+                part[...] = self._moe(layer, act)
             else:
-                layer.ffn(Activation(h, bufs, "h"), part)
+                layer.ffn(act, part)
             comm.allreduce_sum(part, wire, K)
             x += part
         rows = np.flatnonzero(want)
         if len(rows) == 0:
             return None
         xs = np.ascontiguousarray(x[rows]) if len(rows) < b else x
-        hs = bufs("hs", xs.shape)
-        K.rmsnorm(xs, self.out_norm, eps, hs)
+        act = Activation(bufs("hs", xs.shape), bufs, "hs")
+        K.rmsnorm_q80(xs, self.out_norm, eps, act.x, *act.q80_to_fill())
         # a fresh array: the logits are the caller's to keep
-        local = self.output(Activation(hs, bufs, "hs"), [np.empty((len(rows), self.output.rows[0]), F32)])[0]
+        local = self.output(act, [np.empty((len(rows), self.output.rows[0]), F32)])[0]
         if not topk or comm.size == 1:
             return comm.gather_rows(local, self.vocab_counts)
         return self._gather_topk(local, topk)

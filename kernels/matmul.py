@@ -16,7 +16,7 @@ index arithmetic): +30-50% on one thread (measured 2048x2048 .. 8192x2048, B = 1
   q80: wq int8[ntile, nb, 32, 128], wd float32[ntile, nb, 128];            value = d*q
   f32: w float32[ntile, cols, 128]
 
-Activations for quantized weights are Q80-quantized by quantize_q80: qx int8[B, nb, 32],
+Activations for quantized weights are Q80-quantized by quantize_q80 (kernels/ops.py): qx int8[B, nb, 32],
 dx float32[B, nb], sx int32[B, nb] (sum of the 32 q's of each block, |q| <= 127) and, for the
 4-bit kernels, xc int16[B, nb, 8, 4]: per word m the coefficients
   c0 = x[2m], c1 = x[2m+16] - 16 x[2m], c2 = x[2m+1] - 16 x[2m+16], c3 = x[2m+17] - 16 x[2m+1].
@@ -45,63 +45,11 @@ Outputs are preallocated by the caller; kernels write into them and return None.
 import numpy as np
 import omp
 
-#pythran export quantize_q80(float32[:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
 #pythran export matmul_q40(uint16[:,:,:,:] list, float32[:,:,:] list, int16[:,:,:,:], int32[:,:], float32[:,:], float32[:,:] list)
 #pythran export matmul_q41(uint16[:,:,:,:] list, float32[:,:,:] list, float32[:,:,:] list, int16[:,:,:,:], int32[:,:], float32[:,:], float32[:,:] list)
 #pythran export matmul_q80(int8[:,:,:,:] list, float32[:,:,:] list, int8[:,:,:], float32[:,:], float32[:,:] list)
 #pythran export matmul_f32(float32[:,:,:] list, float32[:,:], float32[:,:] list)
 #pythran export dequant_sum_q80(int8[:,:,:,:], float32[:,:,:], float32[:,:])
-
-
-def quantize_q80(x, qx, dx, sx, xc):
-    """x float32[B, n] -> qx int8[B, n/32, 32], dx float32[B, n/32], sx int32[B, n/32] and the
-    4-bit kernels' coefficients xc int16[B, n/32, 8, 4] (see the module docstring).
-
-    d = amax/127 (float32), id = 1/d (0 if d == 0), q = round-half-away-from-zero(x*id)."""
-    B = x.shape[0]
-    nb = x.shape[1] // 32
-    zero = np.float32(0.0)
-    one = np.float32(1.0)
-    half = np.float32(0.5)
-    c127 = np.float32(127.0)
-    c16 = np.int16(16)
-    # threads only for a batch (prefill): a single token's few blocks are not worth waking them
-    #omp parallel for if(B > 1)
-    for b in range(B):
-        for k in range(nb):
-            amax = zero
-            for j in range(32):
-                v = abs(x[b, k * 32 + j])
-                if v > amax:
-                    amax = v
-            # np.float32(): pythran divides in double, and x * a double 1/d rounds differently
-            # from the float32 steps of the reference in rare cases (seen: 87.499998 -> 88)
-            d = np.float32(amax / c127)
-            idd = zero
-            if d != zero:
-                idd = np.float32(one / d)
-            dx[b, k] = d
-            s = np.int32(0)
-            for j in range(32):
-                v = x[b, k * 32 + j] * idd
-                a = abs(v)
-                iq = np.int32(a)              # trunc == floor for a >= 0
-                if a - np.float32(iq) >= half:  # exact for |a| < 2**23
-                    iq += np.int32(1)
-                if v < zero:
-                    iq = -iq
-                qx[b, k, j] = np.int8(iq)
-                s += iq
-            sx[b, k] = s
-            for m in range(8):
-                a0 = np.int16(qx[b, k, 2 * m])
-                a1 = np.int16(qx[b, k, 2 * m + 16])
-                a2 = np.int16(qx[b, k, 2 * m + 1])
-                a3 = np.int16(qx[b, k, 2 * m + 17])
-                xc[b, k, m, 0] = a0
-                xc[b, k, m, 1] = a1 - c16 * a0
-                xc[b, k, m, 2] = a2 - c16 * a1
-                xc[b, k, m, 3] = a3 - c16 * a2
 
 
 def _first_tiles(ws):

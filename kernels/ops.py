@@ -1,4 +1,4 @@
-"""Elementwise / attention kernels (pythran source; also runs, slowly, as plain Python).
+"""Elementwise, Q80-encoding and attention kernels (pythran source).
 
 All arrays float32 unless noted; outputs preallocated by the caller or updated in place.
 """
@@ -10,6 +10,10 @@ import numpy as np
 #pythran export attention(float32[:,:,:], float32[:,:,:,:,:], float32[:,:,:,:], int32[:], int32[:], int32[:], float32, float32[:,:,:])
 #pythran export attention(float32[:,:,:], float32[:,:,:,:,:], float32[:,:,:,:], int32[:], int32[:], int32[:], float, float32[:,:,:])
 #pythran export silu_mul(float32[:,:], float32[:,:])
+#pythran export quantize_q80(float32[:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
+#pythran export rmsnorm_q80(float32[:,:], float32[:], float32, float32[:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
+#pythran export silu_mul_q80(float32[:,:], float32[:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
+#pythran export rope_store(float32[:,:,:], float32[:,:,:], float32[:,:,:], int32[:], int32[:], float32[:,:], float32[:,:], bool, float32[:,:,:,:,:], float32[:,:,:,:])
 #pythran export kv_store(float32[:,:,:], float32[:,:,:], int32[:], int32[:], float32[:,:,:,:,:], float32[:,:,:,:])
 
 
@@ -173,6 +177,79 @@ def silu_mul(a, b):
         for j in range(n):
             v = a[i, j]
             a[i, j] = v / (one + np.exp(-v)) * b[i, j]
+
+
+def quantize_q80(x, qx, dx, sx, xc):
+    """x float32[B, n] -> qx int8[B, n/32, 32], dx float32[B, n/32], sx int32[B, n/32] and the
+    4-bit kernels' coefficients xc int16[B, n/32, 8, 4] (see kernels/matmul.py's docstring).
+
+    d = amax/127 (float32), id = 1/d (0 if d == 0), q = round-half-away-from-zero(x*id)."""
+    B = x.shape[0]
+    nb = x.shape[1] // 32
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    half = np.float32(0.5)
+    c127 = np.float32(127.0)
+    c16 = np.int16(16)
+    # threads only for a batch (prefill): a single token's few blocks are not worth waking them
+    #omp parallel for if(B > 1)
+    for b in range(B):
+        for k in range(nb):
+            amax = zero
+            for j in range(32):
+                v = abs(x[b, k * 32 + j])
+                if v > amax:
+                    amax = v
+            # np.float32(): pythran divides in double, and x * a double 1/d rounds differently
+            # from the float32 steps of the reference in rare cases (seen: 87.499998 -> 88)
+            d = np.float32(amax / c127)
+            idd = zero
+            if d != zero:
+                idd = np.float32(one / d)
+            dx[b, k] = d
+            s = np.int32(0)
+            for j in range(32):
+                v = x[b, k * 32 + j] * idd
+                a = abs(v)
+                iq = np.int32(a)              # trunc == floor for a >= 0
+                if a - np.float32(iq) >= half:  # exact for |a| < 2**23
+                    iq += np.int32(1)
+                if v < zero:
+                    iq = -iq
+                qx[b, k, j] = np.int8(iq)
+                s += iq
+            sx[b, k] = s
+            for m in range(8):
+                a0 = np.int16(qx[b, k, 2 * m])
+                a1 = np.int16(qx[b, k, 2 * m + 16])
+                a2 = np.int16(qx[b, k, 2 * m + 1])
+                a3 = np.int16(qx[b, k, 2 * m + 17])
+                xc[b, k, m, 0] = a0
+                xc[b, k, m, 1] = a1 - c16 * a0
+                xc[b, k, m, 2] = a2 - c16 * a1
+                xc[b, k, m, 3] = a3 - c16 * a2
+
+
+# Fused calls: each call of a pythran function costs ~2 us of argument checking and conversion,
+# as much as the work of a small model's vector ops; these pairs always run back to back.
+
+def rmsnorm_q80(x, w, eps, out, qx, dx, sx, xc):
+    """rmsnorm(x, w, eps, out), then out's Q80 encoding (quantize_q80) for the next matmul."""
+    rmsnorm(x, w, eps, out)
+    quantize_q80(out, qx, dx, sx, xc)
+
+
+def silu_mul_q80(a, b, qx, dx, sx, xc):
+    """silu_mul(a, b), then a's Q80 encoding (quantize_q80) for the down projection."""
+    silu_mul(a, b)
+    quantize_q80(a, qx, dx, sx, xc)
+
+
+def rope_store(q, k, v, slot, pos, cos, sin, interleaved, kc, vc):
+    """RoPE on q and k in place, then k and v into the caches (kv_store)."""
+    rope(q, pos, cos, sin, interleaved)
+    rope(k, pos, cos, sin, interleaved)
+    kv_store(k, v, slot, pos, kc, vc)
 
 
 #pythran export read_sum(uint64[:])

@@ -471,3 +471,52 @@ def test_missing_compiled_module_is_a_clear_import_error():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert "IMPORTERROR compiled kernels missing: run `make install`" in res.stdout, res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------- fused calls
+@pytest.mark.parametrize("B", BATCH)
+@pytest.mark.parametrize("n", [32, 576, 1536])
+def test_fused_rmsnorm_and_silu_mul_give_the_q80_of_their_output(B, n):
+    """rmsnorm_q80 / silu_mul_q80 = the plain kernel, then quantize_q80 of its output, bit for bit."""
+    r = rng("fused", B, n)
+    x, w, up = rand_x(r, B, n), r.standard_normal(n).astype(np.float32), rand_x(r, B, n)
+    eps = np.float32(1e-5)
+    h = np.full_like(x, np.nan)
+    got = [np.full_like(a, 99) for a in q80(x)]
+    K.rmsnorm_q80(x, w, eps, h, *got)
+    want_h = np.empty_like(x)
+    K.rmsnorm(x, w, eps, want_h)
+    np.testing.assert_array_equal(h, want_h)
+    for g, e in zip(got, q80(want_h)):
+        np.testing.assert_array_equal(g, e)
+    a = x.copy()
+    got = [np.full_like(t, 99) for t in q80(x)]
+    K.silu_mul_q80(a, up, *got)
+    want_a = x.copy()
+    K.silu_mul(want_a, up)
+    np.testing.assert_array_equal(a, want_a)
+    for g, e in zip(got, q80(want_a)):
+        np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_store_is_rope_of_q_and_k_then_kv_store(interleaved):
+    r = rng("rope_store", interleaved)
+    B, nh, nkv, hd, S, nslots = 5, 6, 2, 64, 128, 2
+    cos, sin = _rope_tables(S, hd)
+    q = r.standard_normal((B, nh, hd)).astype(np.float32)
+    k = r.standard_normal((B, nkv, hd)).astype(np.float32)
+    v = r.standard_normal((B, nkv, hd)).astype(np.float32)
+    slot = r.integers(0, nslots, size=B).astype(np.int32)
+    pos = r.integers(0, S, size=B).astype(np.int32)
+    kc, vc = np.zeros((nslots, nkv, 2, hd, 64), np.float32), np.zeros((nslots, nkv, S, hd), np.float32)
+    q1, k1 = q.copy(), k.copy()
+    K.rope_store(q1, k1, v, slot, pos, cos, sin, interleaved, kc, vc)
+    q2, k2 = q.copy(), k.copy()
+    kc2, vc2 = np.zeros_like(kc), np.zeros_like(vc)
+    K.rope(q2, pos, cos, sin, interleaved)
+    K.rope(k2, pos, cos, sin, interleaved)
+    K.kv_store(k2, v, slot, pos, kc2, vc2)
+    assert not np.array_equal(q1, q) and np.abs(kc).sum() > 0
+    for got, want in ((q1, q2), (k1, k2), (kc, kc2), (vc, vc2)):
+        np.testing.assert_array_equal(got, want)
