@@ -1,8 +1,9 @@
-"""Elementwise, Q80-encoding and attention kernels (pythran source).
+"""Elementwise, Q80-encoding and attention kernels (pythran source, compiled with OpenMP).
 
 All arrays float32 unless noted; outputs preallocated by the caller or updated in place.
 """
 import numpy as np
+import omp
 
 #pythran export rmsnorm(float32[:,:], float32[:], float32, float32[:,:])
 #pythran export rmsnorm(float32[:,:], float32[:], float, float32[:,:])
@@ -73,161 +74,381 @@ def kv_store(k, v, slot, pos, kc, vc):
                 vc[slot[b], h, p, d] = v[b, h, d]
 
 
+def _rows4(x0r, x1r, x2r, x3r, y0, y1, y2, y3, o, w, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3):
+    """y0[o + l] += a0 * x0r[l] + a1 * x1r[l] + a2 * x2r[l] + a3 * x3r[l] for l < w, and likewise
+    y1 with b0..b3, y2 with c0..c3, y3 with e0..e3: each x loaded serves 4 rows. The rows come
+    in as arguments (no reference counting); the y rows must not overlap the x rows."""
+    #omp simd
+    for l in range(w):
+        x0 = x0r[l]
+        x1 = x1r[l]
+        x2 = x2r[l]
+        x3 = x3r[l]
+        y0[o + l] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
+        y1[o + l] += (b0 * x0 + b1 * x1) + (b2 * x2 + b3 * x3)
+        y2[o + l] += (c0 * x0 + c1 * x1) + (c2 * x2 + c3 * x3)
+        y3[o + l] += (e0 * x0 + e1 * x1) + (e2 * x2 + e3 * x3)
+
+
 def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
     """q[B, nh, hd]; kc[nslots, nkv, S/64, hd, 64] (keys transposed per block of 64 positions),
     vc[nslots, nkv, S, hd]; out[B, nh, hd].
 
     For batch row b and head h: keys/values of slot slot[b], kv head kv_of_head[h], positions
     0..pos[b]; softmax(scale * q.k) (max subtracted) weighted sum of values. float32 throughout.
-    Keys are stored transposed so that the scores of 64 positions build up together, one
-    dimension d at a time, with unit stride (vectorized over positions, no horizontal sums);
-    in blocks of 64 positions so that a block is 16 KB of consecutive memory (a plain [hd, S]
-    layout puts its rows S*4 bytes apart, in the same cache sets: measured ~20% slower at S = 4096).
+    Positions past pos[b] are never read from vc, and their keys' scores are never used (NaN
+    garbage there does not leak). Summation order differs from a plain loop's: the tests compare
+    with a float64 reference.
 
-    Speed: the loops that update an array in memory add 2 (scores) and 4 (acc) products per
-    update, not 1, because such a loop is bound by the latency of each element's load-add-store.
-    More at once ran clang's build faster still (8: another 1.2-1.4x) but gcc 12 stops
-    vectorizing those loops (2x slower than the one-product loops); 2 and 4 are faster with both.
-    The max and the sum go through 16 lanes, and exp runs over whole blocks, so that they
-    vectorize (clang maps exp to glibc's vector expf: see meson.build). Measured against the
-    one-product loops at 257 positions (B = 1 and 64, 1 and 2 threads): 1.3-1.6x with clang 19,
-    1.1-1.5x with gcc 12. The summation order is not a plain loop's: the tests compare with a
-    float64 reference."""
+    Why it is fast:
+    - A work item is batch row b x a group of up to 4 query heads reading the same kv head
+      (grouped-query attention: 4 per kv head in Llama-3.2-1B). The 4 queries go together:
+      every key or value vector loaded serves 4 accumulator rows and every update adds 4
+      products (_rows4), i.e. 16 products per 8 loads and 4 stores, where one query at a time
+      did 2-4 products per 3-5 loads and a store (and read each K/V vector once per head).
+      The inner loops stay unit-stride: over the 64 positions of a key block for the scores,
+      over hd for the values. Groups of 1-3 heads repeat a head in the unused row.
+    - exp(score - max) is clamped to [-87, 0] (which holds anyway for positions < pos[b]):
+      the masked positions (-3e38) of the last block sent libmvec's vector expf to its scalar
+      fallback (xflowf, errno), ~25% of the old kernel's prefill time.
+    - Last block: scores only for the 16-position chunks below pos[b] + 1. Max and sum go
+      through 64 lanes per row (4 independent vector chains), out through a local view (stores
+      through out[b, h, d] do not vectorize).
+    - Pythran/compiler details that decided the speed: the rows reach _rows4 as arguments.
+      Row views assigned to variables (k0 = kt[d]) make pythran own them: an atomic reference
+      count update per view, as costly as the 256 products it serves (-20% with clang), while
+      2-D indexing (kt[d + 1, l]) or kc[sl, kv, tb, d, l] stops gcc 12 from vectorizing (3x
+      slower). `#omp simd` drops clang's runtime alias checks and gcc's limit of 10 of them
+      (4 rows in + 4 rows out need 22). Scratch arrays come from np.zeros in the loop body:
+      views of per-thread scratch, or np.empty, stopped clang from vectorizing (runtime checks).
+
+    Measured (2 shared, noisy cores; medians of alternating old/new runs; old = the one-query
+    kernel of kernels/ops.py), Llama-3.2-1B prefill chunk B=128, nh=32, nkv=8, hd=64:
+    (numbers: see the README, Speed)."""
     B = q.shape[0]
     nh = q.shape[1]
     hd = q.shape[2]
+    nkv = kc.shape[1]
     sc = np.float32(scale)
     lowest = np.float32(-3.0e38)
+    # work items: batch row b x a group of up to 4 heads reading the same kv head. Groups of
+    # fewer than 4 (nh / nkv not a multiple of 4, or 1, 2, 3) repeat their first head in the
+    # unused rows: those rows are computed and not written.
+    gh = np.zeros((nh, 4), np.int64)
+    gn = np.zeros(nh, np.int64)
+    ng = 0
+    for kv in range(nkv):
+        for h in range(nh):
+            if kv_of_head[h] == kv:
+                if ng == 0 or gn[ng - 1] == 4 or kv_of_head[gh[ng - 1, 0]] != kv:
+                    gh[ng, 0] = h
+                    gn[ng] = 1
+                    ng += 1
+                else:
+                    gh[ng - 1, gn[ng - 1]] = h
+                    gn[ng - 1] += 1
+    for g in range(ng):
+        for j in range(gn[g], 4):
+            gh[g, j] = gh[g, 0]
     #omp parallel for schedule(dynamic)
-    for bh in range(B * nh):
-        b = bh // nh
-        h = bh - b * nh     # not bh % nh: pythran strength-reduces % in a loop into a counter
+    for it in range(B * ng):
+        b = it // ng
+        g = it - b * ng     # not it % ng: pythran strength-reduces % in a loop into a counter
                             # declared outside it, which is shared (racy) under OpenMP
-        sl = slot[b]
-        kv = kv_of_head[h]
+        sl = int(slot[b])
+        kv = int(kv_of_head[gh[g, 0]])
         n = pos[b] + 1
         nblk = (n + 63) // 64
-        qs = np.empty(hd, np.float32)
-        for d in range(hd):
-            qs[d] = q[b, h, d] * sc
-        scores = np.zeros(nblk * 64, np.float32)
+        kb = kc[sl, kv]
+        vb = vc[sl, kv]
+        qs = np.zeros((4, hd), np.float32)
+        for j in range(4):
+            qj = q[b, gh[g, j]]
+            qr = qs[j]
+            #omp simd
+            for d in range(hd):
+                qr[d] = qj[d] * sc
+        q0 = qs[0]
+        q1 = qs[1]
+        q2 = qs[2]
+        q3 = qs[3]
+        # scores of the 4 rows, a block of 64 positions at a time, 4 dimensions per update:
+        # each key vector loaded serves 4 queries (16 products per 8 loads and 4 stores)
+        s = np.zeros((4, nblk * 64), np.float32)
+        s0 = s[0]
+        s1 = s[1]
+        s2 = s[2]
+        s3 = s[3]
         for tb in range(nblk):
-            d = 0
-            while d + 2 <= hd:
-                q0 = qs[d]
-                q1 = qs[d + 1]
-                for l in range(64):
-                    scores[tb * 64 + l] += q0 * kc[sl, kv, tb, d, l] + q1 * kc[sl, kv, tb, d + 1, l]
-                d += 2
-            if d < hd:
-                qd = qs[d]
-                for l in range(64):
-                    scores[tb * 64 + l] += qd * kc[sl, kv, tb, d, l]
-        for t in range(n, nblk * 64):   # positions past n: exp() of them is 0
-            scores[t] = lowest
-        lanes = np.full(16, lowest, np.float32)
-        for c in range(nblk * 4):
+            o = tb * 64
+            kt = kb[tb]
+            lw = min(64, (n - o + 15) // 16 * 16)   # last block: the 16-position chunks below n
+            for d4 in range(hd // 4):
+                d = d4 * 4
+                a0 = q0[d]
+                a1 = q0[d + 1]
+                a2 = q0[d + 2]
+                a3 = q0[d + 3]
+                b0 = q1[d]
+                b1 = q1[d + 1]
+                b2 = q1[d + 2]
+                b3 = q1[d + 3]
+                c0 = q2[d]
+                c1 = q2[d + 1]
+                c2 = q2[d + 2]
+                c3 = q2[d + 3]
+                e0 = q3[d]
+                e1 = q3[d + 1]
+                e2 = q3[d + 2]
+                e3 = q3[d + 3]
+                if lw == 64:   # constant trip count: unrolled
+                    _rows4(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], s0, s1, s2, s3, o, 64, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
+                else:
+                    _rows4(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], s0, s1, s2, s3, o, lw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
+            for d in range(hd // 4 * 4, hd):
+                a0 = q0[d]
+                b0 = q1[d]
+                c0 = q2[d]
+                e0 = q3[d]
+                k0 = kb[tb, d]
+                #omp simd
+                for l in range(lw):
+                    x0 = k0[l]
+                    s0[o + l] += a0 * x0
+                    s1[o + l] += b0 * x0
+                    s2[o + l] += c0 * x0
+                    s3[o + l] += e0 * x0
+        # softmax of the 4 rows over positions < n, through 64 lanes per row (independent
+        # chains that vectorize); the last block (ol..ol+63) is masked by selects
+        ol = (nblk - 1) * 64
+        m = np.zeros((4, 64), np.float32)
+        for l in range(64):
+            ok = ol + l < n
+            m[0, l] = s0[ol + l] if ok else lowest
+            m[1, l] = s1[ol + l] if ok else lowest
+            m[2, l] = s2[ol + l] if ok else lowest
+            m[3, l] = s3[ol + l] if ok else lowest
+        for tb in range(nblk - 1):
+            o = tb * 64
+            for l in range(64):
+                m[0, l] = max(m[0, l], s0[o + l])
+                m[1, l] = max(m[1, l], s1[o + l])
+                m[2, l] = max(m[2, l], s2[o + l])
+                m[3, l] = max(m[3, l], s3[o + l])
+        for j in range(4):
             for l in range(16):
-                lanes[l] = max(lanes[l], scores[c * 16 + l])
-        mx = lowest
-        for l in range(16):
-            mx = max(mx, lanes[l])
-        for t in range(nblk * 64):
-            scores[t] = np.exp(scores[t] - mx)
-        for l in range(16):
-            lanes[l] = np.float32(0.0)
-        for c in range(nblk * 4):
+                m[j, l] = max(max(m[j, l], m[j, l + 16]), max(m[j, l + 32], m[j, l + 48]))
+            for l in range(4):
+                m[j, l] = max(max(m[j, l], m[j, l + 4]), max(m[j, l + 8], m[j, l + 12]))
+            mx = max(max(m[j, 0], m[j, 1]), max(m[j, 2], m[j, 3]))
+            # exp(score - max) clamped to [-87, 0], which holds for every position < n anyway:
+            # libmvec's vector expf takes a slow scalar path for lanes outside about +-87.3
+            # (masked and far-below-max scores otherwise hit it)
+            for t in range(ol):
+                s[j, t] = np.exp(min(max(s[j, t] - mx, np.float32(-87.0)), np.float32(0.0)))
+            for l in range(64):
+                x = np.exp(min(max(s[j, ol + l] - mx, np.float32(-87.0)), np.float32(0.0)))
+                s[j, ol + l] = x if ol + l < n else np.float32(0.0)
+        for l in range(64):
+            m[0, l] = s0[ol + l]
+            m[1, l] = s1[ol + l]
+            m[2, l] = s2[ol + l]
+            m[3, l] = s3[ol + l]
+        for tb in range(nblk - 1):
+            o = tb * 64
+            for l in range(64):
+                m[0, l] += s0[o + l]
+                m[1, l] += s1[o + l]
+                m[2, l] += s2[o + l]
+                m[3, l] += s3[o + l]
+        tot = np.zeros(4, np.float32)
+        for j in range(4):
             for l in range(16):
-                lanes[l] += scores[c * 16 + l]
-        tot = np.float32(0.0)
-        for l in range(16):
-            tot += lanes[l]
-        acc = np.zeros(hd, np.float32)
-        t = 0
-        while t + 4 <= n:
-            a0 = scores[t]
-            a1 = scores[t + 1]
-            a2 = scores[t + 2]
-            a3 = scores[t + 3]
+                m[j, l] = (m[j, l] + m[j, l + 16]) + (m[j, l + 32] + m[j, l + 48])
+            for l in range(4):
+                m[j, l] = (m[j, l] + m[j, l + 4]) + (m[j, l + 8] + m[j, l + 12])
+            tot[j] = (m[j, 0] + m[j, 1]) + (m[j, 2] + m[j, 3])
+        # weighted sum of values: 4 positions per update, each value vector loaded serves the
+        # 4 rows; positions >= n are never read
+        acc = np.zeros((4, hd), np.float32)
+        u0 = acc[0]
+        u1 = acc[1]
+        u2 = acc[2]
+        u3 = acc[3]
+        for t4 in range(n // 4):
+            t = t4 * 4
+            a0 = s0[t]
+            a1 = s0[t + 1]
+            a2 = s0[t + 2]
+            a3 = s0[t + 3]
+            b0 = s1[t]
+            b1 = s1[t + 1]
+            b2 = s1[t + 2]
+            b3 = s1[t + 3]
+            c0 = s2[t]
+            c1 = s2[t + 1]
+            c2 = s2[t + 2]
+            c3 = s2[t + 3]
+            e0 = s3[t]
+            e1 = s3[t + 1]
+            e2 = s3[t + 2]
+            e3 = s3[t + 3]
+            _rows4(vb[t], vb[t + 1], vb[t + 2], vb[t + 3], u0, u1, u2, u3, 0, hd, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
+        for t in range(n // 4 * 4, n):
+            a0 = s0[t]
+            b0 = s1[t]
+            c0 = s2[t]
+            e0 = s3[t]
+            w0 = vb[t]
+            #omp simd
             for d in range(hd):
-                acc[d] += ((a0 * vc[sl, kv, t, d] + a1 * vc[sl, kv, t + 1, d])
-                           + (a2 * vc[sl, kv, t + 2, d] + a3 * vc[sl, kv, t + 3, d]))
-            t += 4
-        while t < n:
-            a = scores[t]
+                v0 = w0[d]
+                u0[d] += a0 * v0
+                u1[d] += b0 * v0
+                u2[d] += c0 * v0
+                u3[d] += e0 * v0
+        for j in range(gn[g]):
+            inv = np.float32(1.0) / tot[j]
+            oh = out[b, gh[g, j]]   # a local view: stores through out[b, h, d] do not vectorize
+            ur = acc[j]
+            #omp simd
             for d in range(hd):
-                acc[d] += a * vc[sl, kv, t, d]
-            t += 1
-        inv = np.float32(1.0) / tot
-        for d in range(hd):
-            out[b, h, d] = acc[d] * inv
+                oh[d] = ur[d] * inv
 
 
-def silu_mul(a, b):
-    """In place: a = a / (1 + exp(-a)) * b.
+def _q80_bw(n):
+    """32 (the block width), as a value clang sees only as 0 <= w <= 32 (see the module doc)."""
+    nb = n // 32
+    return min((n // nb if nb > 0 else 32) & 63, 32)
 
-    One thread: clang vectorizes exp here (meson.build) but not inside an OpenMP loop, and one
-    thread's vectorized loop was 3x faster than two threads' scalar ones (measured, B = 64). A gcc
-    build keeps the scalar expf, so there a batch takes ~1.8x as long as on two threads (~2% of
-    a prefill)."""
-    B = a.shape[0]
-    n = a.shape[1]
-    one = np.float32(1.0)
-    for i in range(B):
-        for j in range(n):
-            v = a[i, j]
-            a[i, j] = v / (one + np.exp(-v)) * b[i, j]
+
+def _q80_amax(x, b, ta2, dx):
+    """dx[b, k] = float32(amax_k / 127), amax_k = max |x| of block k (NaN ignored, like the
+    reference's `if v > amax`). Two flat passes (4 values, then 8 partial maxima per block)
+    instead of a reduction per block: a float max reduction does not vectorize without
+    fast-math. max(0, a0, a1, ...) is pythran's std::max_element: a1 replaces the running max
+    only if max < a1, so a NaN never enters and the result is the reference's, bit for bit
+    (the maximum of non-negative values does not depend on the order)."""
+    n = x.shape[1]
+    xr = x[b]
+    dr = dx[b]
+    ta = ta2[0]
+    for i in range(n // 4):
+        ta[i] = max(np.float32(0.0), abs(xr[4 * i]), abs(xr[4 * i + 1]), abs(xr[4 * i + 2]), abs(xr[4 * i + 3]))
+    for i in range(n // 32):
+        dr[i] = np.float32(max(ta[8 * i], ta[8 * i + 1], ta[8 * i + 2], ta[8 * i + 3],
+                               ta[8 * i + 4], ta[8 * i + 5], ta[8 * i + 6], ta[8 * i + 7]) / np.float32(127.0))
+
+
+def _q80_quant(x, b, dx, sx, qxf):
+    """qx and sx of row b, in one 16-lane pass per block: q = round-half-away-from-zero(x * id)
+    exactly as the reference computes it (branch-free: the compare gives 0/1), stored straight
+    as int8 (vpmovdb), and its int32 sum (the reference's s += iq; the vector sum adds the same
+    int32 values in another order, which gives the same wrapped result)."""
+    xr = x[b]
+    dr = dx[b]
+    sr = sx[b]
+    qr = qxf[b]
+    w = _q80_bw(x.shape[1])
+    for k in range(x.shape[1] // 32):
+        c0 = k * w
+        d = dr[k]
+        idd = np.float32(np.float32(1.0) / d) if d != np.float32(0.0) else np.float32(0.0)
+        s = np.int32(0)
+        #omp simd reduction(+:s)
+        for j in range(w):
+            v = xr[c0 + j] * idd
+            a = abs(v)
+            t = np.int32(a)                                         # trunc == floor for a >= 0
+            r = t + np.int32(a - np.float32(t) >= np.float32(0.5))  # exact for a < 2**23
+            r = -r if v < np.float32(0.0) else r
+            qr[c0 + j] = np.int8(r)
+            s += r
+        sr[k] = s
+
+
+def _q80_coef(qxf, b, xcf):
+    """xc of row b from its int8 qx, as the reference: per block, m = 0..7,
+    (a0, a1, a2, a3) = (q[2m], q[2m+16], q[2m+1], q[2m+17]) -> (a0, a1 - 16 a0, a2 - 16 a1,
+    a3 - 16 a2). Written as 16 pairs t (lo = q[t], hi = q[t+16]):
+    xc[2t] = lo - 16 * (q[t+15] if t odd else 0), xc[2t+1] = hi - 16 * lo,
+    so one 16-lane pass per block (plain loads, one interleaved store)."""
+    q = qxf[b]
+    cr = xcf[b]
+    w = _q80_bw(q.shape[0])
+    hw = w // 2
+    for k in range(q.shape[0] // 32):
+        c0 = k * w
+        #omp simd
+        for t in range(hw):
+            lo16 = np.int16(q[c0 + t])
+            hi16 = np.int16(q[c0 + 16 + t])
+            hp = np.int16(q[c0 + 15 + t]) * np.int16(t & 1)
+            cr[c0 + 2 * t] = lo16 - np.int16(16) * hp
+            cr[c0 + 2 * t + 1] = hi16 - np.int16(16) * lo16
+
+
+def _q80_rows(x, qx, dx, sx, xc, lo, hi):
+    """Rows lo..hi-1, with this thread's scratch (allocated once, not per row)."""
+    B = x.shape[0]
+    n = x.shape[1]
+    m = (n // 32) * 32
+    ta = np.empty((1, n // 4), np.float32)
+    qxf = qx.reshape(B, m)          # (B, m), not ((B, m)): a tuple gives a slower shape type
+    xcf = xc.reshape(B, m)
+    for b in range(lo, hi):
+        _q80_amax(x, b, ta, dx)
+        _q80_quant(x, b, dx, sx, qxf)
+        _q80_coef(qxf, b, xcf)
 
 
 def quantize_q80(x, qx, dx, sx, xc):
     """x float32[B, n] -> qx int8[B, n/32, 32], dx float32[B, n/32], sx int32[B, n/32] and the
     4-bit kernels' coefficients xc int16[B, n/32, 8, 4] (see kernels/matmul.py's docstring).
 
-    d = amax/127 (float32), id = 1/d (0 if d == 0), q = round-half-away-from-zero(x*id)."""
+    d = amax/127 (float32), id = 1/d (0 if d == 0), q = round-half-away-from-zero(x*id).
+
+    Threads only for a batch: a single token's row runs on the calling thread, without even
+    an OpenMP region (an `if(B > 1)` region still costs its serialized fork)."""
     B = x.shape[0]
-    nb = x.shape[1] // 32
-    zero = np.float32(0.0)
+    if B == 1:
+        _q80_rows(x, qx, dx, sx, xc, 0, 1)
+    else:
+        #omp parallel
+        if 1:
+            nth = omp.get_num_threads()
+            th = omp.get_thread_num()
+            _q80_rows(x, qx, dx, sx, xc, B * th // nth, B * (th + 1) // nth)
+
+
+def _silu_rows(a, b, lo, hi):
+    """Rows lo..hi-1, each through the same plain loop as the one-thread kernel: clang
+    vectorizes exp there (glibc's 8-lane AVX2 expf, the same calls on the same elements, so the
+    results are bit-identical whatever the thread count); inside an `omp parallel for` loop
+    it does not."""
     one = np.float32(1.0)
-    half = np.float32(0.5)
-    c127 = np.float32(127.0)
-    c16 = np.int16(16)
-    # threads only for a batch (prefill): a single token's few blocks are not worth waking them
-    #omp parallel for if(B > 1)
-    for b in range(B):
-        for k in range(nb):
-            amax = zero
-            for j in range(32):
-                v = abs(x[b, k * 32 + j])
-                if v > amax:
-                    amax = v
-            # np.float32(): pythran divides in double, and x * a double 1/d rounds differently
-            # from the float32 steps of the reference in rare cases (seen: 87.499998 -> 88)
-            d = np.float32(amax / c127)
-            idd = zero
-            if d != zero:
-                idd = np.float32(one / d)
-            dx[b, k] = d
-            s = np.int32(0)
-            for j in range(32):
-                v = x[b, k * 32 + j] * idd
-                a = abs(v)
-                iq = np.int32(a)              # trunc == floor for a >= 0
-                if a - np.float32(iq) >= half:  # exact for |a| < 2**23
-                    iq += np.int32(1)
-                if v < zero:
-                    iq = -iq
-                qx[b, k, j] = np.int8(iq)
-                s += iq
-            sx[b, k] = s
-            for m in range(8):
-                a0 = np.int16(qx[b, k, 2 * m])
-                a1 = np.int16(qx[b, k, 2 * m + 16])
-                a2 = np.int16(qx[b, k, 2 * m + 1])
-                a3 = np.int16(qx[b, k, 2 * m + 17])
-                xc[b, k, m, 0] = a0
-                xc[b, k, m, 1] = a1 - c16 * a0
-                xc[b, k, m, 2] = a2 - c16 * a1
-                xc[b, k, m, 3] = a3 - c16 * a2
+    for i in range(lo, hi):
+        ar = a[i]
+        br = b[i]
+        for j in range(a.shape[1]):
+            v = ar[j]
+            ar[j] = v / (one + np.exp(-v)) * br[j]
+
+
+def silu_mul(a, b):
+    """In place: a = a / (1 + exp(-a)) * b.
+
+    A batch is split into contiguous row ranges, one per thread, each run by the plain
+    vectorized loop (see _silu_rows); a single row stays on the calling thread."""
+    B = a.shape[0]
+    if B == 1:
+        _silu_rows(a, b, 0, 1)
+    else:
+        #omp parallel
+        if 1:
+            nth = omp.get_num_threads()
+            th = omp.get_thread_num()
+            _silu_rows(a, b, B * th // nth, B * (th + 1) // nth)
 
 
 # Fused calls: each call of a pythran function costs ~2 us of argument checking and conversion,
