@@ -123,8 +123,11 @@ def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
       views of per-thread scratch, or np.empty, stopped clang from vectorizing (runtime checks).
 
     Measured (2 shared, noisy cores; medians of alternating old/new runs; old = the one-query
-    kernel of kernels/ops.py), Llama-3.2-1B prefill chunk B=128, nh=32, nkv=8, hd=64:
-    (numbers: see the README, Speed)."""
+    kernel before it), Llama-3.2-1B prefill chunk B=128, nh=32, nkv=8, hd=64, 2 threads:
+    4.4-5.2 -> 1.5-1.8 ms at positions 0..127, 7.3-8.2 -> 2.7 ms at 128..255; decode (B=1,
+    positions 64..2000) 1.3-4.4x faster; built by gcc 12, 1.3-1.8x faster than the old kernel
+    with gcc. SmolLM2 (3 query heads per KV head) computes a padded 4th row, and its decode
+    has only 3 work items for 2 threads."""
     B = q.shape[0]
     nh = q.shape[1]
     hd = q.shape[2]
