@@ -78,28 +78,22 @@ class Collectives:
         self.comm.Abort(code)
 
     # -- Q80 on the wire ---------------------------------------------------------------------
-    # A Q80 record is one 32-value block: a float32 scale then 32 int8 values (36 bytes).
+    # A Q80 record is one 32-value block: a float32 scale then 32 int8 values (36 bytes); a
+    # [B, n] partial travels as B * n/32 records, row by row.
 
     def _q80_encode(self, x: np.ndarray, kernels, name: str = "rec") -> np.ndarray:
-        """[B, n] float32 -> [B, n/32, 36] uint8 records (a reused buffer under `name`)."""
+        """[B, n] float32 -> its records as [B, n/32 * 36] uint8 (a reused buffer under `name`)."""
         b, n = x.shape
-        nb = n // Q80_BLOCK
-        qx, dx, sx, xc = self.bufs.q80(name + ".q80", b, n)
-        if nb:
-            kernels.quantize_q80(x, qx, dx, sx, xc)
-        rec = self.bufs(name, (b, nb, Q80_BYTES), np.uint8)
-        rec[:, :, :4] = dx.view(np.uint8).reshape(b, nb, 4)
-        rec[:, :, 4:] = qx.view(np.uint8)
+        rec = self.bufs(name, (b, n // Q80_BLOCK * Q80_BYTES), np.uint8)
+        if n:
+            kernels.quantize_q80_records(x, rec.view(np.float32), rec.view(np.int8))
         return rec
 
     @staticmethod
     def _q80_sum(recs: np.ndarray, out: np.ndarray, kernels) -> None:
-        """Sum of N ranks' records [N, B, nb, 36] in rank order, dequantized into out [B, nb*32]."""
-        if recs.shape[2] == 0:
-            return
-        dx = np.ascontiguousarray(recs[..., :4]).view(np.float32)[..., 0]
-        qx = np.ascontiguousarray(recs[..., 4:]).view(np.int8)
-        kernels.dequant_sum_q80(qx, np.ascontiguousarray(dx), out)
+        """Sum of N ranks' records [N, bytes] (rank order), dequantized into out [B, nb*32]."""
+        if out.shape[1]:
+            kernels.sum_q80_records(recs.view(np.float32), recs.view(np.int8), out)
 
     def bcast_x(self, x: np.ndarray, wire: str) -> None:
         """The root's embedded batch [B, dim] to every rank, in place. With the q80 wire it
@@ -132,13 +126,14 @@ class Collectives:
             return
         rec = self._q80_encode(x, kernels)
         if self.sync_mode(n) == "allgather":
-            recv = self.bufs("recv", (n,) + rec.shape, np.uint8)
+            recv = self.bufs("recv", (n, rec.size), np.uint8)
             t0 = time.perf_counter()
             self.comm.Allgather(rec, recv)
             self._count(rec.nbytes * (n - 1), rec.nbytes * (n - 1), t0)
             self._q80_sum(recv, x, kernels)
             return
-        b, nb = rec.shape[:2]
+        b, nb = x.shape[0], x.shape[1] // Q80_BLOCK
+        rec = rec.reshape(b, nb, Q80_BYTES)
         chunks = split_even(nb, n)
         c0, c1 = chunks[self.rank]
         send = np.concatenate([rec[:, a:z].ravel() for a, z in chunks])
@@ -149,7 +144,7 @@ class Collectives:
         self.comm.Alltoallv([send, scounts, _displs(scounts), MPI.BYTE], [recv, [mine] * n, _displs([mine] * n), MPI.BYTE])
         self._count(sum(scounts) - scounts[self.rank], mine * (n - 1), t0)
         part = np.zeros((b, (c1 - c0) * Q80_BLOCK), np.float32)
-        self._q80_sum(recv.reshape(n, b, c1 - c0, Q80_BYTES), part, kernels)
+        self._q80_sum(recv.reshape(n, mine), part, kernels)
         mine_rec = self._q80_encode(part, kernels, "mine")
         gathered = np.empty(sum(scounts), np.uint8)
         t0 = time.perf_counter()
@@ -158,7 +153,7 @@ class Collectives:
         full = np.empty_like(rec)
         for (a, z), off in zip(chunks, _displs(scounts)):
             full[:, a:z] = gathered[off:off + b * (z - a) * Q80_BYTES].reshape(b, z - a, Q80_BYTES)
-        self._q80_sum(full[None], x, kernels)
+        self._q80_sum(full.reshape(1, -1), x, kernels)
 
     def sync_mode(self, n: int) -> str:
         return ("ring" if n >= 3 else "allgather") if self.sync == "auto" else self.sync

@@ -24,7 +24,7 @@ matmul_q40 = _matmul.matmul_q40
 matmul_q41 = _matmul.matmul_q41
 matmul_q80 = _matmul.matmul_q80
 matmul_f32 = _matmul.matmul_f32
-dequant_sum_q80 = _matmul.dequant_sum_q80
+sum_q80_records = _matmul.sum_q80_records
 
 rmsnorm = _ops.rmsnorm
 rope = _ops.rope
@@ -32,13 +32,15 @@ attention = _ops.attention
 kv_store = _ops.kv_store
 silu_mul = _ops.silu_mul
 quantize_q80 = _ops.quantize_q80
+quantize_q80_records = _ops.quantize_q80_records
 rmsnorm_q80 = _ops.rmsnorm_q80
 silu_mul_q80 = _ops.silu_mul_q80
 rope_store = _ops.rope_store
 read_sum = _ops.read_sum
 
 __all__ = [
-    "quantize_q80", "matmul_q40", "matmul_q41", "matmul_q80", "matmul_f32", "dequant_sum_q80",
+    "quantize_q80", "matmul_q40", "matmul_q41", "matmul_q80", "matmul_f32",
+    "quantize_q80_records", "sum_q80_records",
     "rmsnorm", "rope", "attention", "kv_store", "silu_mul", "read_sum",
     "rmsnorm_q80", "silu_mul_q80", "rope_store",
 ]

@@ -322,7 +322,8 @@ def matmul_f32_ref(w, x, rows: int) -> np.ndarray:
 
 
 def dequant_sum_q80_ref(qx, dx) -> np.ndarray:
-    """qx int8[N, B, nb, 32], dx float32[N, B, nb] -> float32 [B, nb*32], summed over n in order."""
+    """qx int8[N, B, nb, 32], dx float32[N, B, nb] -> float32 [B, nb*32], summed over n in order
+    (what sum_q80_records computes from the same values packed as wire records)."""
     N, B, nb, _ = qx.shape
     out = np.zeros((B, nb, QK), np.float32)
     for n in range(N):

@@ -49,7 +49,7 @@ import omp
 #pythran export matmul_q41(uint16[:,:,:,:] list, float32[:,:,:] list, float32[:,:,:] list, int16[:,:,:,:], int32[:,:], float32[:,:], float32[:,:] list)
 #pythran export matmul_q80(int8[:,:,:,:] list, float32[:,:,:] list, int8[:,:,:], float32[:,:], float32[:,:] list)
 #pythran export matmul_f32(float32[:,:,:] list, float32[:,:], float32[:,:] list)
-#pythran export dequant_sum_q80(int8[:,:,:,:], float32[:,:,:], float32[:,:])
+#pythran export sum_q80_records(float32[:,:], int8[:,:], float32[:,:])
 
 
 def _first_tiles(ws):
@@ -338,16 +338,22 @@ def matmul_f32(ws, x, outs):
                     out[b, r0 + r] = acc[b, r]
 
 
-def dequant_sum_q80(qx, dx, out):
-    """qx int8[N, B, nb, 32], dx float32[N, B, nb] -> out[b, k*32+j] = sum_n float32(q)*d, n in order."""
-    N = qx.shape[0]
-    B = qx.shape[1]
-    nb = qx.shape[2]
+def sum_q80_records(recf, reci, out):
+    """The sum of N ranks' Q80 records (see ops.quantize_q80_records), dequantized:
+    out[b, k*32 + j] = sum over n in order of float32(q) * d, (d, q) = record b * nb + k of rank n,
+    nb = out.shape[1] / 32. recf / reci: the float32 [N, B * nb * 9] and int8 [N, B * nb * 36]
+    views of the N ranks' record buffers, one row per rank."""
+    N = recf.shape[0]
+    B = out.shape[0]
+    nb = out.shape[1] // 32
     for b in range(B):
+        ob = out[b]
         for k in range(nb):
+            r = b * nb + k
             for j in range(32):
-                out[b, k * 32 + j] = np.float32(0.0)
+                ob[k * 32 + j] = np.float32(0.0)
             for n in range(N):
-                d = dx[n, b, k]
+                d = recf[n, r * 9]
+                rn = reci[n]
                 for j in range(32):
-                    out[b, k * 32 + j] += np.float32(qx[n, b, k, j]) * d
+                    ob[k * 32 + j] += np.float32(rn[r * 36 + 4 + j]) * d

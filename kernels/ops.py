@@ -12,6 +12,7 @@ import omp
 #pythran export attention(float32[:,:,:], float32[:,:,:,:,:], float32[:,:,:,:], int32[:], int32[:], int32[:], float, float32[:,:,:])
 #pythran export silu_mul(float32[:,:], float32[:,:])
 #pythran export quantize_q80(float32[:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
+#pythran export quantize_q80_records(float32[:,:], float32[:,:], int8[:,:])
 #pythran export rmsnorm_q80(float32[:,:], float32[:], float32, float32[:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
 #pythran export silu_mul_q80(float32[:,:], float32[:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
 #pythran export rope_store(float32[:,:,:], float32[:,:,:], float32[:,:,:], int32[:], int32[:], float32[:,:], float32[:,:], bool, float32[:,:,:,:,:], float32[:,:,:,:])
@@ -422,6 +423,27 @@ def quantize_q80(x, qx, dx, sx, xc):
             nth = omp.get_num_threads()
             th = omp.get_thread_num()
             _q80_rows(x, qx, dx, sx, xc, B * th // nth, B * (th + 1) // nth)
+
+
+def quantize_q80_records(x, recf, reci):
+    """x float32[B, n] -> the Q80 records the syncs send: block k of row b is the 36 bytes at
+    record b * n/32 + k of the caller's byte buffer, a float32 scale d then 32 int8 values q (the
+    d and q of quantize_q80). Written through two views of that one buffer: recf its float32
+    view [B, n/32 * 9], reci its int8 view [B, n/32 * 36] (one call instead of quantize_q80 and
+    two numpy copies into the records)."""
+    B = x.shape[0]
+    nb = x.shape[1] // 32
+    qx = np.empty((B, nb, 32), np.int8)
+    dx = np.empty((B, nb), np.float32)
+    quantize_q80(x, qx, dx, np.empty((B, nb), np.int32), np.empty((B, nb, 8, 4), np.int16))
+    for b in range(B):
+        rf = recf[b]
+        ri = reci[b]
+        qb = qx[b]
+        for k in range(nb):
+            rf[k * 9] = dx[b, k]
+            for j in range(32):
+                ri[k * 36 + 4 + j] = qb[k, j]
 
 
 def _silu_rows(a, b, lo, hi):

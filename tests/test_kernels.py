@@ -248,11 +248,30 @@ def test_matmul_f32(rows, cols):
         assert np.all(np.abs(out - ref) <= 1e-5 * scale + 1e-30), (rows, cols, B)
 
 
-# --------------------------------------------------------------------------- dequant_sum_q80
+# --------------------------------------------------------------------------- Q80 wire records
+
+def records(qx, dx):
+    """[B, nb, 32] int8 + [B, nb] float32 -> the wire's [B, nb * 36] bytes, built by numpy."""
+    B, nb = dx.shape
+    rec = np.empty((B, nb, 36), np.uint8)
+    rec[:, :, :4] = dx.view(np.uint8).reshape(B, nb, 4)
+    rec[:, :, 4:] = qx.view(np.uint8)
+    return rec.reshape(B, nb * 36)
+
+
+@pytest.mark.parametrize("B", BATCH)
+@pytest.mark.parametrize("n", [32, 576, 2048])
+def test_quantize_q80_records_are_quantize_q80_packed(B, n):
+    x = rand_x(rng("rec", B, n), B, n)
+    qx, dx, _, _ = q80(x)
+    rec = np.full((B, n // 32 * 36), 0xAA, np.uint8)
+    K.quantize_q80_records(x, rec.view(np.float32), rec.view(np.int8))
+    np.testing.assert_array_equal(rec, records(qx, dx))
+
 
 @pytest.mark.parametrize("N", [1, 2, 3, 8])
 @pytest.mark.parametrize("B", BATCH)
-def test_dequant_sum_q80_exact(N, B):
+def test_sum_q80_records_exact(N, B):
     r = rng("ds", N, B)
     n = 576
     parts = [rand_x(r, B, n) for _ in range(N)]
@@ -261,8 +280,9 @@ def test_dequant_sum_q80_exact(N, B):
     for i, p in enumerate(parts):
         a, d, _, _ = q80(p)
         qx[i], dx[i] = a, d
+    recs = np.stack([records(qx[i], dx[i]).ravel() for i in range(N)])
     out = np.full((B, n), np.nan, np.float32)
-    K.dequant_sum_q80(qx, dx, out)
+    K.sum_q80_records(recs.view(np.float32), recs.view(np.int8), out)
     np.testing.assert_array_equal(out, Q.dequant_sum_q80_ref(qx, dx))
     np.testing.assert_allclose(out, np.sum(parts, axis=0), rtol=0, atol=N * 0.01 * np.abs(parts).max())
 
