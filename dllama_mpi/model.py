@@ -20,24 +20,16 @@ F32 = np.float32
 
 
 class Activation:
-    """An input batch x [B, n] and its Q80 encoding (made once, into buffers: on first use, or
-    by the fused kernel that makes x)."""
+    """An input batch x [B, n] and the buffers of its Q80 encoding (qx, dx, sx, xc: see
+    kernels/matmul.py), which whoever makes x fills: a fused kernel (rmsnorm_q80, silu_mul_q80)
+    or quantize_q80. Made once per forward and reused by every layer (the per-token path
+    creates few Python objects)."""
+
+    __slots__ = ("x", "q80", "bufs")
 
     def __init__(self, x: np.ndarray, bufs: Buffers, name: str):
-        self.x, self.bufs, self.name = x, bufs, name
-        self._q80 = None
-
-    def q80(self):
-        """(qx, dx, sx, xc): see kernels/matmul.py."""
-        if self._q80 is None:
-            K.quantize_q80(self.x, *self.q80_to_fill())
-        return self._q80
-
-    def q80_to_fill(self):
-        """The Q80 buffers, for a fused kernel (rmsnorm_q80, silu_mul_q80) that makes x and its
-        encoding in one call."""
-        self._q80 = self.bufs.q80(self.name + ".q80", *self.x.shape)
-        return self._q80
+        self.x, self.bufs = x, bufs
+        self.q80 = bufs.q80(name + ".q80", *x.shape)
 
 
 class Linear:
@@ -47,29 +39,34 @@ class Linear:
 
     def __init__(self, *mats):
         self.rows = [rows for _, rows, _, _ in mats]
-        self.by_kind = {}   # kind -> (indices, kernel arguments: lists of arrays)
+        by_kind = {}   # kind -> (indices, kernel arguments: lists of arrays)
         for i, (kind, _, _, a) in enumerate(mats):
             if kind not in ("q40", "q41", "q80", "f32"):
                 raise ValueError(f"unknown matrix kind {kind}")
-            idx, args = self.by_kind.setdefault(kind, ([], {}))
+            idx, args = by_kind.setdefault(kind, ([], {}))
             idx.append(i)
             for name, arr in a.items():
                 args.setdefault(name, []).append(arr)
+        # (kind, output indices or None for all of them in order, weight argument lists)
+        self.calls = [(kind, None if idx == list(range(len(mats))) else idx,
+                       [args[n] for n in {"q40": ("wq", "wd"), "q41": ("wq", "wd", "wm"),
+                                          "q80": ("wq", "wd"), "f32": ("w",)}[kind]])
+                      for kind, (idx, args) in by_kind.items()]
 
     def __call__(self, act: Activation, outs: list) -> list:
-        """Writes W_i x into outs[i] ([B, rows_i] float32) and returns outs."""
-        for kind, (idx, a) in self.by_kind.items():
-            o = [outs[i] for i in idx]
-            if kind == "f32":
-                K.matmul_f32(a["w"], act.x, o)
-                continue
-            qx, dx, sx, xc = act.q80()
+        """Writes W_i x into outs[i] ([B, rows_i] float32) and returns outs. Quantized kinds
+        read act's Q80 encoding, which must be filled."""
+        for kind, idx, w in self.calls:
+            o = outs if idx is None else [outs[i] for i in idx]
+            qx, dx, sx, xc = act.q80
             if kind == "q40":
-                K.matmul_q40(a["wq"], a["wd"], xc, sx, dx, o)
+                K.matmul_q40(w[0], w[1], xc, sx, dx, o)
             elif kind == "q41":
-                K.matmul_q41(a["wq"], a["wd"], a["wm"], xc, sx, dx, o)
+                K.matmul_q41(w[0], w[1], w[2], xc, sx, dx, o)
+            elif kind == "q80":
+                K.matmul_q80(w[0], w[1], qx, dx, o)
             else:
-                K.matmul_q80(a["wq"], a["wd"], qx, dx, o)
+                K.matmul_f32(w[0], act.x, o)
         return outs
 
 
@@ -85,7 +82,7 @@ class FFN:
         b, bufs = act.x.shape[0], act.bufs
         gate, up = self.w13(act, [bufs("gate", (b, self.hidden)), bufs("up", (b, self.hidden))])
         act = Activation(gate, bufs, "gate")
-        K.silu_mul_q80(gate, up, *act.q80_to_fill())
+        K.silu_mul_q80(gate, up, *act.q80)
         return self.w2(act, [out])[0]
 
 
@@ -189,7 +186,9 @@ class RankModel:
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)
             x = np.ascontiguousarray(act.x[rows])
-            y = layer.experts[e](Activation(x, self.bufs, "expert"), np.empty_like(x))
+            ax = Activation(x, self.bufs, "expert")
+            K.quantize_q80(x, *ax.q80)
+            y = layer.experts[e](ax, np.empty_like(x))
             part[rows] += y * weight[rows, slot][:, None].astype(F32)
         return part
 
@@ -206,38 +205,34 @@ class RankModel:
         comm.bcast_x(x, wire)
         scale = F32(1.0 / math.sqrt(self.hd))
         eps = F32(cfg.norm_eps)
-        h = bufs("h", (b, cfg.dim))
+        h = Activation(bufs("h", (b, cfg.dim)), bufs, "h")   # the normed x, input of wq/wk/wv and w1/w3
         part = bufs("part", (b, cfg.dim))
-        qkv = [bufs("q", (b, self.nh * self.hd)), bufs("k", (b, self.nkv * self.hd)), bufs("v", (b, self.nkv * self.hd))]
-        att = bufs("att", (b, self.nh, self.hd))
+        q, k, v = qkv = [bufs("q", (b, self.nh * self.hd)), bufs("k", (b, self.nkv * self.hd)), bufs("v", (b, self.nkv * self.hd))]
+        q3, k3, v3 = q.reshape(b, self.nh, self.hd), k.reshape(b, self.nkv, self.hd), v.reshape(b, self.nkv, self.hd)
+        att = Activation(bufs("att", (b, self.nh * self.hd)), bufs, "att")
+        att3 = att.x.reshape(b, self.nh, self.hd)
         for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             # attention: this rank's query heads and the KV heads they read
-            act = Activation(h, bufs, "h")
-            K.rmsnorm_q80(x, layer.attn_norm, eps, h, *act.q80_to_fill())
-            q, k, v = layer.qkv(act, qkv)
+            K.rmsnorm_q80(x, layer.attn_norm, eps, h.x, *h.q80)
+            layer.qkv(h, qkv)
             if cfg.attn_bias:
                 q += layer.bq
                 k += layer.bk
                 v += layer.bv
-            q = q.reshape(b, self.nh, self.hd)
-            k = k.reshape(b, self.nkv, self.hd)
-            v = v.reshape(b, self.nkv, self.hd)
             if self.nh:
-                if cfg.qk_norm:
-                    q = self._head_norm(q, layer.q_norm)
-                    k = self._head_norm(k, layer.k_norm)
-                K.rope_store(q, k, v, slots, pos, self.cos, self.sin, cfg.rope_interleaved, kc, vc)
-                K.attention(q, kc, vc, slots, pos, self.kv_of_head, scale, att)
-            layer.wo(Activation(att.reshape(b, self.nh * self.hd), bufs, "att"), [part])
+                qh, kh = (self._head_norm(q3, layer.q_norm), self._head_norm(k3, layer.k_norm)) if cfg.qk_norm else (q3, k3)
+                K.rope_store(qh, kh, v3, slots, pos, self.cos, self.sin, cfg.rope_interleaved, kc, vc)
+                K.attention(qh, kc, vc, slots, pos, self.kv_of_head, scale, att3)
+            K.quantize_q80(att.x, *att.q80)
+            layer.wo(att, [part])
             comm.allreduce_sum(part, wire, K)
             x += part
             # feed-forward: this rank's FFN rows (SwiGLU)
-            act = Activation(h, bufs, "h")
-            K.rmsnorm_q80(x, layer.ffn_norm, eps, h, *act.q80_to_fill())
+            K.rmsnorm_q80(x, layer.ffn_norm, eps, h.x, *h.q80)
             if cfg.n_experts:
-                part[...] = self._moe(layer, act)
+                part[...] = self._moe(layer, h)
             else:
-                layer.ffn(act, part)
+                layer.ffn(h, part)
             comm.allreduce_sum(part, wire, K)
             x += part
         rows = np.flatnonzero(want)
@@ -245,7 +240,7 @@ class RankModel:
             return None
         xs = np.ascontiguousarray(x[rows]) if len(rows) < b else x
         act = Activation(bufs("hs", xs.shape), bufs, "hs")
-        K.rmsnorm_q80(xs, self.out_norm, eps, act.x, *act.q80_to_fill())
+        K.rmsnorm_q80(xs, self.out_norm, eps, act.x, *act.q80)
         # a fresh array: the logits are the caller's to keep
         local = self.output(act, [np.empty((len(rows), self.output.rows[0]), F32)])[0]
         if not topk or comm.size == 1:
