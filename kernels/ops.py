@@ -154,7 +154,10 @@ def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
     for g in range(ng):
         for j in range(gn[g], 4):
             gh[g, j] = gh[g, 0]
-    #omp parallel for schedule(dynamic)
+    # schedule(static, 1): round robin, which balances rows of growing length (a prefill chunk)
+    # as well as dynamic did; libomp's dynamic dispatch cost ~1 us per work item here (perf: it
+    # formats a string with vsnprintf on every __kmpc_dispatch_next), 10-25% of a decode call
+    #omp parallel for schedule(static, 1)
     for it in range(B * ng):
         b = it // ng
         g = it - b * ng     # not it % ng: pythran strength-reduces % in a loop into a counter
