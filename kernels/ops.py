@@ -154,173 +154,177 @@ def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
     for g in range(ng):
         for j in range(gn[g], 4):
             gh[g, j] = gh[g, 0]
-    # schedule(static, 1): round robin, which balances rows of growing length (a prefill chunk)
-    # as well as dynamic did; libomp's dynamic dispatch cost ~1 us per work item here (perf: it
-    # formats a string with vsnprintf on every __kmpc_dispatch_next), 10-25% of a decode call
-    #omp parallel for schedule(static, 1)
-    for it in range(B * ng):
-        b = it // ng
-        g = it - b * ng     # not it % ng: pythran strength-reduces % in a loop into a counter
-                            # declared outside it, which is shared (racy) under OpenMP
-        sl = int(slot[b])
-        kv = int(kv_of_head[gh[g, 0]])
-        n = pos[b] + 1
-        nblk = (n + 63) // 64
-        kb = kc[sl, kv]
-        vb = vc[sl, kv]
-        qs = np.zeros((4, hd), np.float32)
-        for j in range(4):
-            qj = q[b, gh[g, j]]
-            qr = qs[j]
-            #omp simd
-            for d in range(hd):
-                qr[d] = qj[d] * sc
-        q0 = qs[0]
-        q1 = qs[1]
-        q2 = qs[2]
-        q3 = qs[3]
-        # scores of the 4 rows, a block of 64 positions at a time, 4 dimensions per update:
-        # each key vector loaded serves 4 queries (16 products per 8 loads and 4 stores)
-        s = np.zeros((4, nblk * 64), np.float32)
-        s0 = s[0]
-        s1 = s[1]
-        s2 = s[2]
-        s3 = s[3]
-        for tb in range(nblk):
-            o = tb * 64
-            kt = kb[tb]
-            lw = min(64, (n - o + 15) // 16 * 16)   # last block: the 16-position chunks below n
-            for d4 in range(hd // 4):
-                d = d4 * 4
-                a0 = q0[d]
-                a1 = q0[d + 1]
-                a2 = q0[d + 2]
-                a3 = q0[d + 3]
-                b0 = q1[d]
-                b1 = q1[d + 1]
-                b2 = q1[d + 2]
-                b3 = q1[d + 3]
-                c0 = q2[d]
-                c1 = q2[d + 1]
-                c2 = q2[d + 2]
-                c3 = q2[d + 3]
-                e0 = q3[d]
-                e1 = q3[d + 1]
-                e2 = q3[d + 2]
-                e3 = q3[d + 3]
-                if lw == 64:   # constant trip count: unrolled
-                    _rows4(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], s0, s1, s2, s3, o, 64, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
-                else:
-                    _rows4(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], s0, s1, s2, s3, o, lw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
-            for d in range(hd // 4 * 4, hd):
-                a0 = q0[d]
-                b0 = q1[d]
-                c0 = q2[d]
-                e0 = q3[d]
-                k0 = kb[tb, d]
+    # Work items round robin over the threads, which balances rows of growing length (a prefill
+    # chunk), written out instead of `omp for`: libomp formats a string (vsnprintf, in perf) in
+    # every __kmpc_dispatch_next of schedule(dynamic) and in every __kmpc_for_static_init, ~1 us
+    # each, 10-25% of a decode call
+    #omp parallel
+    if 1:
+        nth = omp.get_num_threads()
+        th = omp.get_thread_num()
+        for it in range(th, B * ng, nth):
+            b = it // ng
+            g = it - b * ng     # not it % ng: pythran strength-reduces % in a loop into a counter
+                                # declared outside it, which is shared (racy) under OpenMP
+            sl = int(slot[b])
+            kv = int(kv_of_head[gh[g, 0]])
+            n = pos[b] + 1
+            nblk = (n + 63) // 64
+            kb = kc[sl, kv]
+            vb = vc[sl, kv]
+            qs = np.zeros((4, hd), np.float32)
+            for j in range(4):
+                qj = q[b, gh[g, j]]
+                qr = qs[j]
                 #omp simd
-                for l in range(lw):
-                    x0 = k0[l]
-                    s0[o + l] += a0 * x0
-                    s1[o + l] += b0 * x0
-                    s2[o + l] += c0 * x0
-                    s3[o + l] += e0 * x0
-        # softmax of the 4 rows over positions < n, through 64 lanes per row (independent
-        # chains that vectorize); the last block (ol..ol+63) is masked by selects
-        ol = (nblk - 1) * 64
-        m = np.zeros((4, 64), np.float32)
-        for l in range(64):
-            ok = ol + l < n
-            m[0, l] = s0[ol + l] if ok else lowest
-            m[1, l] = s1[ol + l] if ok else lowest
-            m[2, l] = s2[ol + l] if ok else lowest
-            m[3, l] = s3[ol + l] if ok else lowest
-        for tb in range(nblk - 1):
-            o = tb * 64
+                for d in range(hd):
+                    qr[d] = qj[d] * sc
+            q0 = qs[0]
+            q1 = qs[1]
+            q2 = qs[2]
+            q3 = qs[3]
+            # scores of the 4 rows, a block of 64 positions at a time, 4 dimensions per update:
+            # each key vector loaded serves 4 queries (16 products per 8 loads and 4 stores)
+            s = np.zeros((4, nblk * 64), np.float32)
+            s0 = s[0]
+            s1 = s[1]
+            s2 = s[2]
+            s3 = s[3]
+            for tb in range(nblk):
+                o = tb * 64
+                kt = kb[tb]
+                lw = min(64, (n - o + 15) // 16 * 16)   # last block: the 16-position chunks below n
+                for d4 in range(hd // 4):
+                    d = d4 * 4
+                    a0 = q0[d]
+                    a1 = q0[d + 1]
+                    a2 = q0[d + 2]
+                    a3 = q0[d + 3]
+                    b0 = q1[d]
+                    b1 = q1[d + 1]
+                    b2 = q1[d + 2]
+                    b3 = q1[d + 3]
+                    c0 = q2[d]
+                    c1 = q2[d + 1]
+                    c2 = q2[d + 2]
+                    c3 = q2[d + 3]
+                    e0 = q3[d]
+                    e1 = q3[d + 1]
+                    e2 = q3[d + 2]
+                    e3 = q3[d + 3]
+                    if lw == 64:   # constant trip count: unrolled
+                        _rows4(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], s0, s1, s2, s3, o, 64, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
+                    else:
+                        _rows4(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], s0, s1, s2, s3, o, lw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
+                for d in range(hd // 4 * 4, hd):
+                    a0 = q0[d]
+                    b0 = q1[d]
+                    c0 = q2[d]
+                    e0 = q3[d]
+                    k0 = kb[tb, d]
+                    #omp simd
+                    for l in range(lw):
+                        x0 = k0[l]
+                        s0[o + l] += a0 * x0
+                        s1[o + l] += b0 * x0
+                        s2[o + l] += c0 * x0
+                        s3[o + l] += e0 * x0
+            # softmax of the 4 rows over positions < n, through 64 lanes per row (independent
+            # chains that vectorize); the last block (ol..ol+63) is masked by selects
+            ol = (nblk - 1) * 64
+            m = np.zeros((4, 64), np.float32)
             for l in range(64):
-                m[0, l] = max(m[0, l], s0[o + l])
-                m[1, l] = max(m[1, l], s1[o + l])
-                m[2, l] = max(m[2, l], s2[o + l])
-                m[3, l] = max(m[3, l], s3[o + l])
-        for j in range(4):
-            for l in range(16):
-                m[j, l] = max(max(m[j, l], m[j, l + 16]), max(m[j, l + 32], m[j, l + 48]))
-            for l in range(4):
-                m[j, l] = max(max(m[j, l], m[j, l + 4]), max(m[j, l + 8], m[j, l + 12]))
-            mx = max(max(m[j, 0], m[j, 1]), max(m[j, 2], m[j, 3]))
-            # exp(score - max) clamped to [-87, 0], which holds for every position < n anyway:
-            # libmvec's vector expf takes a slow scalar path for lanes outside about +-87.3
-            # (masked and far-below-max scores otherwise hit it)
-            for t in range(ol):
-                s[j, t] = np.exp(min(max(s[j, t] - mx, np.float32(-87.0)), np.float32(0.0)))
+                ok = ol + l < n
+                m[0, l] = s0[ol + l] if ok else lowest
+                m[1, l] = s1[ol + l] if ok else lowest
+                m[2, l] = s2[ol + l] if ok else lowest
+                m[3, l] = s3[ol + l] if ok else lowest
+            for tb in range(nblk - 1):
+                o = tb * 64
+                for l in range(64):
+                    m[0, l] = max(m[0, l], s0[o + l])
+                    m[1, l] = max(m[1, l], s1[o + l])
+                    m[2, l] = max(m[2, l], s2[o + l])
+                    m[3, l] = max(m[3, l], s3[o + l])
+            for j in range(4):
+                for l in range(16):
+                    m[j, l] = max(max(m[j, l], m[j, l + 16]), max(m[j, l + 32], m[j, l + 48]))
+                for l in range(4):
+                    m[j, l] = max(max(m[j, l], m[j, l + 4]), max(m[j, l + 8], m[j, l + 12]))
+                mx = max(max(m[j, 0], m[j, 1]), max(m[j, 2], m[j, 3]))
+                # exp(score - max) clamped to [-87, 0], which holds for every position < n anyway:
+                # libmvec's vector expf takes a slow scalar path for lanes outside about +-87.3
+                # (masked and far-below-max scores otherwise hit it)
+                for t in range(ol):
+                    s[j, t] = np.exp(min(max(s[j, t] - mx, np.float32(-87.0)), np.float32(0.0)))
+                for l in range(64):
+                    x = np.exp(min(max(s[j, ol + l] - mx, np.float32(-87.0)), np.float32(0.0)))
+                    s[j, ol + l] = x if ol + l < n else np.float32(0.0)
             for l in range(64):
-                x = np.exp(min(max(s[j, ol + l] - mx, np.float32(-87.0)), np.float32(0.0)))
-                s[j, ol + l] = x if ol + l < n else np.float32(0.0)
-        for l in range(64):
-            m[0, l] = s0[ol + l]
-            m[1, l] = s1[ol + l]
-            m[2, l] = s2[ol + l]
-            m[3, l] = s3[ol + l]
-        for tb in range(nblk - 1):
-            o = tb * 64
-            for l in range(64):
-                m[0, l] += s0[o + l]
-                m[1, l] += s1[o + l]
-                m[2, l] += s2[o + l]
-                m[3, l] += s3[o + l]
-        tot = np.zeros(4, np.float32)
-        for j in range(4):
-            for l in range(16):
-                m[j, l] = (m[j, l] + m[j, l + 16]) + (m[j, l + 32] + m[j, l + 48])
-            for l in range(4):
-                m[j, l] = (m[j, l] + m[j, l + 4]) + (m[j, l + 8] + m[j, l + 12])
-            tot[j] = (m[j, 0] + m[j, 1]) + (m[j, 2] + m[j, 3])
-        # weighted sum of values: 4 positions per update, each value vector loaded serves the
-        # 4 rows; positions >= n are never read
-        acc = np.zeros((4, hd), np.float32)
-        u0 = acc[0]
-        u1 = acc[1]
-        u2 = acc[2]
-        u3 = acc[3]
-        for t4 in range(n // 4):
-            t = t4 * 4
-            a0 = s0[t]
-            a1 = s0[t + 1]
-            a2 = s0[t + 2]
-            a3 = s0[t + 3]
-            b0 = s1[t]
-            b1 = s1[t + 1]
-            b2 = s1[t + 2]
-            b3 = s1[t + 3]
-            c0 = s2[t]
-            c1 = s2[t + 1]
-            c2 = s2[t + 2]
-            c3 = s2[t + 3]
-            e0 = s3[t]
-            e1 = s3[t + 1]
-            e2 = s3[t + 2]
-            e3 = s3[t + 3]
-            _rows4(vb[t], vb[t + 1], vb[t + 2], vb[t + 3], u0, u1, u2, u3, 0, hd, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
-        for t in range(n // 4 * 4, n):
-            a0 = s0[t]
-            b0 = s1[t]
-            c0 = s2[t]
-            e0 = s3[t]
-            w0 = vb[t]
-            #omp simd
-            for d in range(hd):
-                v0 = w0[d]
-                u0[d] += a0 * v0
-                u1[d] += b0 * v0
-                u2[d] += c0 * v0
-                u3[d] += e0 * v0
-        for j in range(gn[g]):
-            inv = np.float32(1.0) / tot[j]
-            oh = out[b, gh[g, j]]   # a local view: stores through out[b, h, d] do not vectorize
-            ur = acc[j]
-            #omp simd
-            for d in range(hd):
-                oh[d] = ur[d] * inv
+                m[0, l] = s0[ol + l]
+                m[1, l] = s1[ol + l]
+                m[2, l] = s2[ol + l]
+                m[3, l] = s3[ol + l]
+            for tb in range(nblk - 1):
+                o = tb * 64
+                for l in range(64):
+                    m[0, l] += s0[o + l]
+                    m[1, l] += s1[o + l]
+                    m[2, l] += s2[o + l]
+                    m[3, l] += s3[o + l]
+            tot = np.zeros(4, np.float32)
+            for j in range(4):
+                for l in range(16):
+                    m[j, l] = (m[j, l] + m[j, l + 16]) + (m[j, l + 32] + m[j, l + 48])
+                for l in range(4):
+                    m[j, l] = (m[j, l] + m[j, l + 4]) + (m[j, l + 8] + m[j, l + 12])
+                tot[j] = (m[j, 0] + m[j, 1]) + (m[j, 2] + m[j, 3])
+            # weighted sum of values: 4 positions per update, each value vector loaded serves the
+            # 4 rows; positions >= n are never read
+            acc = np.zeros((4, hd), np.float32)
+            u0 = acc[0]
+            u1 = acc[1]
+            u2 = acc[2]
+            u3 = acc[3]
+            for t4 in range(n // 4):
+                t = t4 * 4
+                a0 = s0[t]
+                a1 = s0[t + 1]
+                a2 = s0[t + 2]
+                a3 = s0[t + 3]
+                b0 = s1[t]
+                b1 = s1[t + 1]
+                b2 = s1[t + 2]
+                b3 = s1[t + 3]
+                c0 = s2[t]
+                c1 = s2[t + 1]
+                c2 = s2[t + 2]
+                c3 = s2[t + 3]
+                e0 = s3[t]
+                e1 = s3[t + 1]
+                e2 = s3[t + 2]
+                e3 = s3[t + 3]
+                _rows4(vb[t], vb[t + 1], vb[t + 2], vb[t + 3], u0, u1, u2, u3, 0, hd, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
+            for t in range(n // 4 * 4, n):
+                a0 = s0[t]
+                b0 = s1[t]
+                c0 = s2[t]
+                e0 = s3[t]
+                w0 = vb[t]
+                #omp simd
+                for d in range(hd):
+                    v0 = w0[d]
+                    u0[d] += a0 * v0
+                    u1[d] += b0 * v0
+                    u2[d] += c0 * v0
+                    u3[d] += e0 * v0
+            for j in range(gn[g]):
+                inv = np.float32(1.0) / tot[j]
+                oh = out[b, gh[g, j]]   # a local view: stores through out[b, h, d] do not vectorize
+                ur = acc[j]
+                #omp simd
+                for d in range(hd):
+                    oh[d] = ur[d] * inv
 
 
 def _q80_bw(n):
