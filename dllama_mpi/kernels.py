@@ -35,14 +35,15 @@ quantize_q80 = _ops.quantize_q80
 quantize_q80_records = _ops.quantize_q80_records
 rmsnorm_q80 = _ops.rmsnorm_q80
 silu_mul_q80 = _ops.silu_mul_q80
-rope_store = _ops.rope_store
+add_rmsnorm_q80 = _ops.add_rmsnorm_q80
+rope_attention_q80 = _ops.rope_attention_q80
 read_sum = _ops.read_sum
 
 __all__ = [
     "quantize_q80", "matmul_q40", "matmul_q41", "matmul_q80", "matmul_f32",
     "quantize_q80_records", "sum_q80_records",
     "rmsnorm", "rope", "attention", "kv_store", "silu_mul", "read_sum",
-    "rmsnorm_q80", "silu_mul_q80", "rope_store",
+    "rmsnorm_q80", "add_rmsnorm_q80", "silu_mul_q80", "rope_attention_q80",
 ]
 # Threads: the OpenMP runtime reads OMP_NUM_THREADS once, at the first parallel region, so the
 # caller sets it before importing this module (the CLI does, from --nthreads). With one MPI rank

@@ -21,8 +21,8 @@ F32 = np.float32
 
 class Activation:
     """An input batch x [B, n] and the buffers of its Q80 encoding (qx, dx, sx, xc: see
-    kernels/matmul.py), which whoever makes x fills: a fused kernel (rmsnorm_q80, silu_mul_q80)
-    or quantize_q80. Made once per forward and reused by every layer (the per-token path
+    kernels/matmul.py), which whoever makes x fills: a fused kernel (rmsnorm_q80,
+    add_rmsnorm_q80, silu_mul_q80, rope_attention_q80) or quantize_q80. Made once per forward and reused by every layer (the per-token path
     creates few Python objects)."""
 
     __slots__ = ("x", "q80", "bufs")
@@ -219,16 +219,14 @@ class RankModel:
                 q += layer.bq
                 k += layer.bk
                 v += layer.bv
-            if self.nh:
+            if self.nh:   # RoPE, KV-cache store, attention and the Q80 of its output: one call
                 qh, kh = (self._head_norm(q3, layer.q_norm), self._head_norm(k3, layer.k_norm)) if cfg.qk_norm else (q3, k3)
-                K.rope_store(qh, kh, v3, slots, pos, self.cos, self.sin, cfg.rope_interleaved, kc, vc)
-                K.attention(qh, kc, vc, slots, pos, self.kv_of_head, scale, att3)
-            K.quantize_q80(att.x, *att.q80)
+                K.rope_attention_q80(qh, kh, v3, slots, pos, self.cos, self.sin, cfg.rope_interleaved, kc, vc,
+                                     self.kv_of_head, scale, att3, *att.q80)
             layer.wo(att, [part])
             comm.allreduce_sum(part, wire, K)
-            x += part
-            # feed-forward: this rank's FFN rows (SwiGLU)
-            K.rmsnorm_q80(x, layer.ffn_norm, eps, h.x, *h.q80)
+            # feed-forward: this rank's FFN rows (SwiGLU), on x += the attention's output
+            K.add_rmsnorm_q80(x, part, layer.ffn_norm, eps, h.x, *h.q80)
             if cfg.n_experts:
                 part[...] = self._moe(layer, h)
             else:

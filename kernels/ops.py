@@ -15,7 +15,8 @@ import omp
 #pythran export quantize_q80_records(float32[:,:], float32[:,:], int8[:,:])
 #pythran export rmsnorm_q80(float32[:,:], float32[:], float32, float32[:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
 #pythran export silu_mul_q80(float32[:,:], float32[:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
-#pythran export rope_store(float32[:,:,:], float32[:,:,:], float32[:,:,:], int32[:], int32[:], float32[:,:], float32[:,:], bool, float32[:,:,:,:,:], float32[:,:,:,:])
+#pythran export add_rmsnorm_q80(float32[:,:], float32[:,:], float32[:], float32, float32[:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
+#pythran export rope_attention_q80(float32[:,:,:], float32[:,:,:], float32[:,:,:], int32[:], int32[:], float32[:,:], float32[:,:], bool, float32[:,:,:,:,:], float32[:,:,:,:], int32[:], float32, float32[:,:,:], int8[:,:,:], float32[:,:], int32[:,:], int16[:,:,:,:])
 #pythran export kv_store(float32[:,:,:], float32[:,:,:], int32[:], int32[:], float32[:,:,:,:,:], float32[:,:,:,:])
 
 
@@ -498,11 +499,26 @@ def silu_mul_q80(a, b, qx, dx, sx, xc):
     quantize_q80(a, qx, dx, sx, xc)
 
 
-def rope_store(q, k, v, slot, pos, cos, sin, interleaved, kc, vc):
-    """RoPE on q and k in place, then k and v into the caches (kv_store)."""
+def add_rmsnorm_q80(x, part, w, eps, out, qx, dx, sx, xc):
+    """x += part (the residual), then rmsnorm_q80(x, w, eps, out, ...)."""
+    for b in range(x.shape[0]):
+        xb = x[b]
+        pb = part[b]
+        for i in range(x.shape[1]):
+            xb[i] += pb[i]
+    rmsnorm_q80(x, w, eps, out, qx, dx, sx, xc)
+
+
+def rope_attention_q80(q, k, v, slot, pos, cos, sin, interleaved, kc, vc, kv_of_head, scale, out, qx, dx, sx, xc):
+    """A layer's attention in one call: RoPE on q and k in place, k and v into the caches
+    (kv_store), attention into out [B, nh, hd], then out's Q80 encoding (quantize_q80 of
+    out as [B, nh * hd]) for the output projection."""
     rope(q, pos, cos, sin, interleaved)
     rope(k, pos, cos, sin, interleaved)
     kv_store(k, v, slot, pos, kc, vc)
+    attention(q, kc, vc, slot, pos, kv_of_head, scale, out)
+    B = out.shape[0]
+    quantize_q80(out.reshape((B, out.shape[1] * out.shape[2])), qx, dx, sx, xc)
 
 
 #pythran export read_sum(uint64[:])

@@ -497,7 +497,8 @@ def test_missing_compiled_module_is_a_clear_import_error():
 @pytest.mark.parametrize("B", BATCH)
 @pytest.mark.parametrize("n", [32, 576, 1536])
 def test_fused_rmsnorm_and_silu_mul_give_the_q80_of_their_output(B, n):
-    """rmsnorm_q80 / silu_mul_q80 = the plain kernel, then quantize_q80 of its output, bit for bit."""
+    """rmsnorm_q80 / add_rmsnorm_q80 / silu_mul_q80 = the plain kernels, then quantize_q80 of the
+    output, bit for bit."""
     r = rng("fused", B, n)
     x, w, up = rand_x(r, B, n), r.standard_normal(n).astype(np.float32), rand_x(r, B, n)
     eps = np.float32(1e-5)
@@ -506,6 +507,15 @@ def test_fused_rmsnorm_and_silu_mul_give_the_q80_of_their_output(B, n):
     K.rmsnorm_q80(x, w, eps, h, *got)
     want_h = np.empty_like(x)
     K.rmsnorm(x, w, eps, want_h)
+    np.testing.assert_array_equal(h, want_h)
+    for g, e in zip(got, q80(want_h)):
+        np.testing.assert_array_equal(g, e)
+    # add_rmsnorm_q80: x += part (as numpy adds float32), then rmsnorm_q80
+    x1, part = x.copy(), rand_x(r, B, n)
+    got = [np.full_like(a, 99) for a in q80(x)]
+    K.add_rmsnorm_q80(x1, part, w, eps, h, *got)
+    np.testing.assert_array_equal(x1, x + part)
+    K.rmsnorm(x + part, w, eps, want_h)
     np.testing.assert_array_equal(h, want_h)
     for g, e in zip(got, q80(want_h)):
         np.testing.assert_array_equal(g, e)
@@ -520,23 +530,33 @@ def test_fused_rmsnorm_and_silu_mul_give_the_q80_of_their_output(B, n):
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_rope_store_is_rope_of_q_and_k_then_kv_store(interleaved):
-    r = rng("rope_store", interleaved)
-    B, nh, nkv, hd, S, nslots = 5, 6, 2, 64, 128, 2
+@pytest.mark.parametrize("B", BATCH)
+def test_rope_attention_q80_is_rope_kv_store_attention_then_q80(B, interleaved):
+    """One call = RoPE of q and k, kv_store, attention, quantize_q80 of the output, bit for bit."""
+    r = rng("rope_attention", B, interleaved)
+    nh, nkv, hd, S, nslots = 6, 2, 64, 128, 2
     cos, sin = _rope_tables(S, hd)
     q = r.standard_normal((B, nh, hd)).astype(np.float32)
     k = r.standard_normal((B, nkv, hd)).astype(np.float32)
     v = r.standard_normal((B, nkv, hd)).astype(np.float32)
     slot = r.integers(0, nslots, size=B).astype(np.int32)
     pos = r.integers(0, S, size=B).astype(np.int32)
-    kc, vc = np.zeros((nslots, nkv, 2, hd, 64), np.float32), np.zeros((nslots, nkv, S, hd), np.float32)
-    q1, k1 = q.copy(), k.copy()
-    K.rope_store(q1, k1, v, slot, pos, cos, sin, interleaved, kc, vc)
-    q2, k2 = q.copy(), k.copy()
-    kc2, vc2 = np.zeros_like(kc), np.zeros_like(vc)
+    kv_of_head = (np.arange(nh) // (nh // nkv)).astype(np.int32)
+    scale = np.float32(1.0 / np.sqrt(hd))
+    kc = r.standard_normal((nslots, nkv, 2, hd, 64)).astype(np.float32)   # earlier positions' keys
+    vc = r.standard_normal((nslots, nkv, S, hd)).astype(np.float32)
+    q1, k1, kc1, vc1 = q.copy(), k.copy(), kc.copy(), vc.copy()
+    out1 = np.full((B, nh, hd), np.nan, np.float32)
+    got = [np.full_like(a, 99) for a in q80(np.zeros((B, nh * hd), np.float32))]
+    K.rope_attention_q80(q1, k1, v, slot, pos, cos, sin, interleaved, kc1, vc1, kv_of_head, scale, out1, *got)
+    q2, k2, kc2, vc2 = q.copy(), k.copy(), kc.copy(), vc.copy()
+    out2 = np.empty_like(out1)
     K.rope(q2, pos, cos, sin, interleaved)
     K.rope(k2, pos, cos, sin, interleaved)
     K.kv_store(k2, v, slot, pos, kc2, vc2)
-    assert not np.array_equal(q1, q) and np.abs(kc).sum() > 0
-    for got, want in ((q1, q2), (k1, k2), (kc, kc2), (vc, vc2)):
-        np.testing.assert_array_equal(got, want)
+    K.attention(q2, kc2, vc2, slot, pos, kv_of_head, scale, out2)
+    assert not np.array_equal(q1, q) and not np.array_equal(kc1, kc)
+    for a, e in ((q1, q2), (k1, k2), (kc1, kc2), (vc1, vc2), (out1, out2)):
+        np.testing.assert_array_equal(a, e)
+    for g, e in zip(got, q80(out2.reshape(B, nh * hd))):
+        np.testing.assert_array_equal(g, e)
