@@ -22,8 +22,9 @@ F32 = np.float32
 class Activation:
     """An input batch x [B, n] and the buffers of its Q80 encoding (qx, dx, sx, xc: see
     kernels/matmul.py), which whoever makes x fills: a fused kernel (rmsnorm_q80,
-    add_rmsnorm_q80, silu_mul_q80, rope_attention_q80) or quantize_q80. Made once per forward and reused by every layer (the per-token path
-    creates few Python objects)."""
+    add_rmsnorm_q80, silu_mul_q80, rope_attention_q80) or quantize_q80. The forward makes
+    those of h and att once and reuses them in every layer (the per-token path creates few
+    Python objects)."""
 
     __slots__ = ("x", "q80", "bufs")
 
