@@ -76,10 +76,27 @@ def kv_store(k, v, slot, pos, kc, vc):
                 vc[slot[b], h, p, d] = v[b, h, d]
 
 
-def _rows4(x0r, x1r, x2r, x3r, y0, y1, y2, y3, o, w, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3):
-    """y0[o + l] += a0 * x0r[l] + a1 * x1r[l] + a2 * x2r[l] + a3 * x3r[l] for l < w, and likewise
-    y1 with b0..b3, y2 with c0..c3, y3 with e0..e3: each x loaded serves 4 rows. The rows come
-    in as arguments (no reference counting); the y rows must not overlap the x rows."""
+def _rows4(x0r, x1r, x2r, x3r, y0, y1, y2, y3, o, w, c0r, c1r, c2r, c3r, i):
+    """y0[o + l] += c0r[i] * x0r[l] + c0r[i + 1] * x1r[l] + c0r[i + 2] * x2r[l] + c0r[i + 3] * x3r[l]
+    for l < w, and likewise y1 with the coefficients c1r[i .. i + 3], y2 with c2r, y3 with c3r:
+    each x loaded serves 4 rows. The rows come in as arguments (no reference counting); the y
+    rows must not overlap the x rows."""
+    a0 = c0r[i]
+    a1 = c0r[i + 1]
+    a2 = c0r[i + 2]
+    a3 = c0r[i + 3]
+    b0 = c1r[i]
+    b1 = c1r[i + 1]
+    b2 = c1r[i + 2]
+    b3 = c1r[i + 3]
+    c0 = c2r[i]
+    c1 = c2r[i + 1]
+    c2 = c2r[i + 2]
+    c3 = c2r[i + 3]
+    e0 = c3r[i]
+    e1 = c3r[i + 1]
+    e2 = c3r[i + 2]
+    e3 = c3r[i + 3]
     #omp simd
     for l in range(w):
         x0 = x0r[l]
@@ -197,26 +214,10 @@ def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
                 lw = min(64, (n - o + 15) // 16 * 16)   # last block: the 16-position chunks below n
                 for d4 in range(hd // 4):
                     d = d4 * 4
-                    a0 = q0[d]
-                    a1 = q0[d + 1]
-                    a2 = q0[d + 2]
-                    a3 = q0[d + 3]
-                    b0 = q1[d]
-                    b1 = q1[d + 1]
-                    b2 = q1[d + 2]
-                    b3 = q1[d + 3]
-                    c0 = q2[d]
-                    c1 = q2[d + 1]
-                    c2 = q2[d + 2]
-                    c3 = q2[d + 3]
-                    e0 = q3[d]
-                    e1 = q3[d + 1]
-                    e2 = q3[d + 2]
-                    e3 = q3[d + 3]
                     if lw == 64:   # constant trip count: unrolled
-                        _rows4(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], s0, s1, s2, s3, o, 64, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
+                        _rows4(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], s0, s1, s2, s3, o, 64, q0, q1, q2, q3, d)
                     else:
-                        _rows4(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], s0, s1, s2, s3, o, lw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
+                        _rows4(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], s0, s1, s2, s3, o, lw, q0, q1, q2, q3, d)
                 for d in range(hd // 4 * 4, hd):
                     a0 = q0[d]
                     b0 = q1[d]
@@ -289,23 +290,7 @@ def attention(q, kc, vc, slot, pos, kv_of_head, scale, out):
             u3 = acc[3]
             for t4 in range(n // 4):
                 t = t4 * 4
-                a0 = s0[t]
-                a1 = s0[t + 1]
-                a2 = s0[t + 2]
-                a3 = s0[t + 3]
-                b0 = s1[t]
-                b1 = s1[t + 1]
-                b2 = s1[t + 2]
-                b3 = s1[t + 3]
-                c0 = s2[t]
-                c1 = s2[t + 1]
-                c2 = s2[t + 2]
-                c3 = s2[t + 3]
-                e0 = s3[t]
-                e1 = s3[t + 1]
-                e2 = s3[t + 2]
-                e3 = s3[t + 3]
-                _rows4(vb[t], vb[t + 1], vb[t + 2], vb[t + 3], u0, u1, u2, u3, 0, hd, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3)
+                _rows4(vb[t], vb[t + 1], vb[t + 2], vb[t + 3], u0, u1, u2, u3, 0, hd, s0, s1, s2, s3, t)
             for t in range(n // 4 * 4, n):
                 a0 = s0[t]
                 b0 = s1[t]
