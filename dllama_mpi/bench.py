@@ -199,22 +199,30 @@ def kernel_streaming(kernels, nbytes: int = 256 << 20, repeats: int = 3) -> floa
 
 
 def run(engine, runs: int, prompt: int, steps: int, seed: int = 0) -> dict:
-    """Root: `runs` times, prefill a random prompt of `prompt` tokens, then decode `steps`
-    greedy tokens after it. Returns per-run tok/s."""
+    """Root: `runs` times, decode `steps` greedy tokens from an empty context (positions
+    0..steps-1: what the original's `dllama inference --steps 64` after a short prompt and
+    llama-bench's tg measure), prefill a random prompt of `prompt` tokens, then decode `steps`
+    tokens after it (attention then reads `prompt` more cached positions per token). Returns
+    per-run tok/s of each."""
     from .generate import prefill
     rng = np.random.default_rng(seed)
-    out = {"prefill_tok_s": [], "decode_tok_s": []}
+    vocab = min(EMBED_ROWS, engine.config.vocab_size)
+    out = {"decode_tok_s": [], "prefill_tok_s": [], "decode_after_prompt_tok_s": []}
+
+    def decode(token, start):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            logits = engine.forward([token], [0], [start + i], [1], phase="decode", topk=1)[0]  # greedy
+            token = int(np.argmax(logits)) % EMBED_ROWS
+        return steps / (time.perf_counter() - t0)
+
     for _ in range(runs):
-        ids = rng.integers(0, min(EMBED_ROWS, engine.config.vocab_size), prompt).tolist()
+        out["decode_tok_s"].append(decode(int(rng.integers(0, vocab)), 0))
+        ids = rng.integers(0, vocab, prompt).tolist()
         t0 = time.perf_counter()
         logits = prefill(engine, ids)
         out["prefill_tok_s"].append(prompt / (time.perf_counter() - t0))
-        token = int(np.argmax(logits)) % EMBED_ROWS
-        t0 = time.perf_counter()
-        for i in range(steps):
-            logits = engine.forward([token], [0], [prompt + i], [1], phase="decode", topk=1)[0]  # greedy
-            token = int(np.argmax(logits)) % EMBED_ROWS
-        out["decode_tok_s"].append(steps / (time.perf_counter() - t0))
+        out["decode_after_prompt_tok_s"].append(decode(int(np.argmax(logits)) % EMBED_ROWS, prompt))
     return out
 
 
@@ -222,10 +230,11 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
-def report(name: str, kinds: str, wire: str, threads: int, speeds: dict, bandwidth: list[list[float]],
-           weight_bytes: list[int], stats: list[dict]) -> dict:
+def report(name: str, kinds: str, wire: str, threads: int, prompt: int, steps: int, speeds: dict,
+           bandwidth: list[list[float]], weight_bytes: list[int], stats: list[dict]) -> dict:
     """The result object (what --json prints) and the text lines, from the root's view."""
     dec, pre = summary(speeds["decode_tok_s"]), summary(speeds["prefill_tok_s"])
+    late = summary(speeds["decode_after_prompt_tok_s"])
     bw_runs = [sum(r) for r in zip(*bandwidth)]  # all ranks read at once: the machine's bandwidth
     bw = statistics.median(bw_runs)
     per_token = sum(weight_bytes)
@@ -234,7 +243,8 @@ def report(name: str, kinds: str, wire: str, threads: int, speeds: dict, bandwid
     res = {
         "shape": name, "weights": kinds, "sync": wire, "ranks": ranks, "threads": threads,
         "decode_tok_s": dec["median"], "decode_runs": dec["runs"],
-        "prefill_tok_s": pre["median"], "prefill_runs": pre["runs"],
+        "prefill_tok_s": pre["median"], "prefill_runs": pre["runs"], "prompt_tokens": prompt, "steps": steps,
+        "decode_after_prompt_tok_s": late["median"], "decode_after_prompt_runs": late["runs"],
         "weight_bytes_per_token": per_token, "weight_gb_s": weight_bps / 1e9,
         "bandwidth_gb_s": bw / 1e9, "bandwidth_runs_gb_s": [b / 1e9 for b in bw_runs],
         "bandwidth_ratio": weight_bps / bw,
@@ -259,14 +269,18 @@ def text(res: dict) -> str:
         f"{res['threads']} thread(s)",
         f"memory read bandwidth (all ranks reading at once): {res['bandwidth_gb_s']:.1f} GB/s "
         f"({spread(res['bandwidth_runs_gb_s'])})",
-        f"decode:  {res['decode_tok_s']:.1f} tok/s median ({spread(res['decode_runs'])})",
+        f"decode:  {res['decode_tok_s']:.1f} tok/s median ({spread(res['decode_runs'])}), positions 0-{res['steps'] - 1}",
         f"         weights {res['weight_bytes_per_token'] / 1e6:.0f} MB/token -> {res['weight_gb_s']:.1f} GB/s = "
         f"{100 * res['bandwidth_ratio']:.0f}% of the measured bandwidth",
-        f"prefill: {res['prefill_tok_s']:.1f} tok/s median ({spread(res['prefill_runs'])})",
-        "decode per token: rank  compute ms  sync ms  sent B  recv B  peak RSS",
+        f"prefill: {res['prefill_tok_s']:.1f} tok/s median ({spread(res['prefill_runs'])}), {res['prompt_tokens']} tokens",
+        f"decode after the prompt: {res['decode_after_prompt_tok_s']:.1f} tok/s median "
+        f"({spread(res['decode_after_prompt_runs'])}), positions {res['prompt_tokens']}-"
+        f"{res['prompt_tokens'] + res['steps'] - 1}",
+        "decode per token (both decode runs):",
+        "  rank  compute ms  sync ms  sent B  recv B  peak RSS",
     ]
     for r in range(res["ranks"]):
-        lines.append(f"                  {r:4d} {res['compute_ms_per_token'][r]:11.2f} {res['sync_ms_per_token'][r]:8.2f}"
+        lines.append(f"  {r:4d} {res['compute_ms_per_token'][r]:11.2f} {res['sync_ms_per_token'][r]:8.2f}"
                      f" {res['sent_bytes_per_token'][r]:7.0f} {res['recv_bytes_per_token'][r]:7.0f}"
                      f" {res['peak_rss_bytes'][r] / 2**20:6.0f} MiB")
     return "\n".join(lines)

@@ -461,7 +461,8 @@ def plan_cmd(model, shape, nodes, weights_float_type, head_float_type, ram_per_n
 @click.option("--nthreads", type=click.IntRange(1, 1024), default=1, show_default=True)
 @click.option("--runs", type=click.IntRange(1, 100), default=5, show_default=True, help="Repeats; the median is reported.")
 @click.option("--prompt-tokens", type=click.IntRange(1, 8192), default=256, show_default=True, help="Prefill length.")
-@click.option("--steps", type=click.IntRange(1, 8192), default=32, show_default=True, help="Decoded tokens per run.")
+@click.option("--steps", type=click.IntRange(1, 8192), default=64, show_default=True,
+              help="Decoded tokens per run, from an empty context and after the prompt.")
 @click.option("--plan-only", is_flag=True, help="Print the bytes each rank syncs per token at --nodes; run nothing.")
 @click.option("--nodes", type=click.IntRange(1, 4096), default=None, help="With --plan-only: the rank count.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
@@ -513,7 +514,8 @@ def bench(shape, model, weights_float_type, head_float_type, buffer_float_type, 
     if code:
         sys.exit(code)
     kinds = f"{weights_float_type} (LM head {head})" if shape else ", ".join(state["kinds"])
-    res = B.report(shape or str(model), kinds, buffer_float_type, nthreads, state["speeds"], state["bandwidth"],
+    res = B.report(shape or str(model), kinds, buffer_float_type, nthreads, prompt_tokens, steps, state["speeds"],
+                   state["bandwidth"],
                    state["weights"], stats)
     click.echo(B.to_json(res) if as_json else B.text(res))
 

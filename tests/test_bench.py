@@ -15,9 +15,10 @@ SMALL = ["--runs", 2, "--prompt-tokens", 16, "--steps", 6, "--json"]
 def test_bench_reports_and_bytes_match_the_plan(n, sync):
     res = json.loads(dllama("bench", "--shape", "smollm2-135m", "--sync", sync, *SMALL, np=n).stdout)
     assert res["ranks"] == n and res["threads"] == 1
-    for key in ("decode_tok_s", "prefill_tok_s", "weight_gb_s", "bandwidth_gb_s"):
+    for key in ("decode_tok_s", "prefill_tok_s", "decode_after_prompt_tok_s", "weight_gb_s", "bandwidth_gb_s"):
         assert res[key] > 0, key
-    assert len(res["decode_runs"]) == len(res["prefill_runs"]) == 2
+    assert len(res["decode_runs"]) == len(res["prefill_runs"]) == len(res["decode_after_prompt_runs"]) == 2
+    assert (res["prompt_tokens"], res["steps"]) == (16, 6)
     assert len(res["peak_rss_bytes"]) == n and min(res["peak_rss_bytes"]) > 50e6
     # every byte a decode step hands to MPI (x broadcast, 2 syncs per layer, logits) is predicted
     plan = json.loads(dllama("bench", "--shape", "smollm2-135m", "--sync", sync, "--plan-only", "--nodes", n,
