@@ -39,7 +39,8 @@ class Collectives:
         self.size = self.comm.Get_size()
         self.phases = {}        # phase name -> Counters
         self.phase = "setup"
-        self.bufs = Buffers()
+        self.bufs = Buffers()     # work arrays of the per-token calls, reused
+        self._ring_plans = {}     # (B, blocks) -> the ring sync's chunks, byte counts, offsets
 
     # -- accounting -------------------------------------------------------------------------
     def set_phase(self, name: str) -> None:
@@ -102,9 +103,11 @@ class Collectives:
         if wire == "f32" or self.size == 1:
             self.bcast_array(x)
             return
-        half = x.astype(np.float16) if self.rank == 0 else np.empty(x.shape, np.float16)
+        half = self.bufs("x.f16", x.shape, np.float16)
+        if self.rank == 0:
+            np.copyto(half, x, casting="same_kind")
         self.bcast_array(half)
-        x[...] = half
+        np.copyto(x, half)
 
     # -- the per-layer sync -----------------------------------------------------------------
     def allreduce_sum(self, x: np.ndarray, wire: str, kernels) -> None:
@@ -133,27 +136,47 @@ class Collectives:
             self._q80_sum(recv, x, kernels)
             return
         b, nb = x.shape[0], x.shape[1] // Q80_BLOCK
+        chunks, counts, displs = self._ring_plan(b, nb)
+        mine = counts[self.rank]
+        # the records chunk by chunk (what rank r gets is contiguous); a single token's [1, nb]
+        # records already are in that order
         rec = rec.reshape(b, nb, Q80_BYTES)
-        chunks = split_even(nb, n)
+        send = rec.reshape(-1) if b == 1 else self._by_chunk(rec, chunks, displs, counts)
+        recv = self.bufs("ring.recv", (n, mine), np.uint8)
+        t0 = time.perf_counter()
+        self.comm.Alltoallv([send, counts, displs, MPI.BYTE], [recv, [mine] * n, _displs([mine] * n), MPI.BYTE])
+        self._count(sum(counts) - mine, mine * (n - 1), t0)
         c0, c1 = chunks[self.rank]
-        send = np.concatenate([rec[:, a:z].ravel() for a, z in chunks])
-        scounts = [b * (z - a) * Q80_BYTES for a, z in chunks]
-        mine = b * (c1 - c0) * Q80_BYTES
-        recv = np.empty(n * mine, np.uint8)
+        part = self.bufs("ring.part", (b, (c1 - c0) * Q80_BLOCK))
+        self._q80_sum(recv, part, kernels)
+        mine_rec = self._q80_encode(part, kernels, "ring.mine")
+        gathered = self.bufs("ring.gathered", (sum(counts),), np.uint8)
         t0 = time.perf_counter()
-        self.comm.Alltoallv([send, scounts, _displs(scounts), MPI.BYTE], [recv, [mine] * n, _displs([mine] * n), MPI.BYTE])
-        self._count(sum(scounts) - scounts[self.rank], mine * (n - 1), t0)
-        part = np.zeros((b, (c1 - c0) * Q80_BLOCK), np.float32)
-        self._q80_sum(recv.reshape(n, mine), part, kernels)
-        mine_rec = self._q80_encode(part, kernels, "mine")
-        gathered = np.empty(sum(scounts), np.uint8)
-        t0 = time.perf_counter()
-        self.comm.Allgatherv(mine_rec.ravel(), [gathered, scounts, _displs(scounts), MPI.BYTE])
-        self._count(mine * (n - 1), sum(scounts) - mine, t0)
-        full = np.empty_like(rec)
-        for (a, z), off in zip(chunks, _displs(scounts)):
-            full[:, a:z] = gathered[off:off + b * (z - a) * Q80_BYTES].reshape(b, z - a, Q80_BYTES)
-        self._q80_sum(full.reshape(1, -1), x, kernels)
+        self.comm.Allgatherv(mine_rec.reshape(-1), [gathered, counts, displs, MPI.BYTE])
+        self._count(mine * (n - 1), sum(counts) - mine, t0)
+        if b > 1:   # back to row order
+            full = self.bufs("ring.full", rec.shape, np.uint8)
+            for (a, z), off, c in zip(chunks, displs, counts):
+                full[:, a:z] = gathered[off:off + c].reshape(b, z - a, Q80_BYTES)
+            gathered = full
+        self._q80_sum(gathered.reshape(1, -1), x, kernels)
+
+    def _ring_plan(self, b: int, nb: int):
+        """The ring's block ranges per rank and their byte counts and offsets, for [b, nb*32]."""
+        key = (b, nb)
+        plan = self._ring_plans.get(key)
+        if plan is None:
+            chunks = split_even(nb, self.size)
+            counts = [b * (z - a) * Q80_BYTES for a, z in chunks]
+            plan = self._ring_plans[key] = (chunks, counts, _displs(counts))
+        return plan
+
+    def _by_chunk(self, rec: np.ndarray, chunks, displs, counts) -> np.ndarray:
+        """Records [b, nb, 36] reordered chunk by chunk (each chunk's [b, z-a, 36] contiguous)."""
+        out = self.bufs("ring.send", (sum(counts),), np.uint8)
+        for (a, z), off, c in zip(chunks, displs, counts):
+            out[off:off + c].reshape(rec.shape[0], z - a, Q80_BYTES)[...] = rec[:, a:z]
+        return out
 
     def sync_mode(self, n: int) -> str:
         return ("ring" if n >= 3 else "allgather") if self.sync == "auto" else self.sync
@@ -164,18 +187,21 @@ class Collectives:
         if self.size == 1:
             return values, ids
         t0 = time.perf_counter()
-        local = np.concatenate([values.view(np.uint8), ids.astype(np.int32).view(np.uint8)], axis=1)
-        local = np.ascontiguousarray(local)
-        recv = np.empty((self.size,) + local.shape, np.uint8) if self.rank == 0 else None
+        b, k = values.shape
+        local = self.bufs("topk.local", (b, 8 * k), np.uint8)   # per row: k float32 values, k int32 ids
+        local[:, :4 * k] = values.view(np.uint8)
+        local[:, 4 * k:] = ids.astype(np.int32, copy=False).view(np.uint8)
+        recv = self.bufs("topk.recv", (self.size,) + local.shape, np.uint8) if self.rank == 0 else None
         self.comm.Gather(local, recv, root=0)
         if self.rank != 0:
             self._count(local.nbytes, 0, t0)
             return None
         self._count(0, local.nbytes * (self.size - 1), t0)
-        k4 = values.shape[1] * 4
-        vals = np.concatenate([np.ascontiguousarray(r[:, :k4]).view(np.float32) for r in recv], axis=1)
-        idx = np.concatenate([np.ascontiguousarray(r[:, k4:]).view(np.int32) for r in recv], axis=1)
-        return vals, idx
+        vals = self.bufs("topk.vals", (b, self.size, k))
+        idx = self.bufs("topk.ids", (b, self.size, k), np.int32)
+        vals[...] = recv[:, :, :4 * k].view(np.float32).transpose(1, 0, 2)
+        idx[...] = recv[:, :, 4 * k:].view(np.int32).transpose(1, 0, 2)
+        return vals.reshape(b, -1), idx.reshape(b, -1)
 
     def gather_rows(self, local: np.ndarray, counts: list[int]) -> np.ndarray | None:
         """Concatenate every rank's [B, counts[r]] float32 columns on the root -> [B, sum]."""
@@ -186,7 +212,7 @@ class Collectives:
         # Gatherv moves contiguous blocks: send [B, v_r] as is, root receives rank-major.
         sizes = [b * c for c in counts]
         if self.rank == 0:
-            recv = np.empty(sum(sizes), dtype=np.float32)
+            recv = self.bufs("rows.recv", (sum(sizes),))
             offsets = np.cumsum([0] + sizes[:-1]).tolist()
             self.comm.Gatherv(np.ascontiguousarray(local), [recv, sizes, offsets, MPI.FLOAT], root=0)
             self._count(0, (sum(sizes) - sizes[0]) * 4, t0)

@@ -139,7 +139,7 @@ class Engine:
             if cmd == STOP:
                 self.comm.gather_object(self.rank_stats())
                 return code
-            entries = np.empty((4, b), np.int32)
+            entries = self.comm.bufs("entries", (4, b), np.int32)
             self.comm.set_phase(PHASES[phase])
             self.comm.add_bytes(recv=self.header.nbytes)  # the header belongs to this command
             self.comm.bcast_array(entries)

@@ -250,8 +250,10 @@ class RankModel:
         v0 = sum(self.vocab_counts[: self.comm.rank])
         n = local.shape[0]
         k_here = min(k, local.shape[1])
-        ids = np.zeros((n, k), np.int32)
-        vals = np.full((n, k), -np.inf, F32)  # padding when this rank holds fewer than k rows
+        ids = self.bufs("topk.ids", (n, k), np.int32)
+        vals = self.bufs("topk.vals", (n, k))
+        ids[...] = 0
+        vals[...] = -np.inf   # padding when this rank holds fewer than k rows
         if k_here:
             # greedy: argmax takes 3 us where argpartition took 0.23 ms (a 24,576-logit slice)
             idx = (np.argmax(local, axis=1)[:, None] if k_here == 1
