@@ -1,4 +1,6 @@
-"""Work arrays reused from token to token (the per-token path allocates no numpy buffers)."""
+"""Work arrays reused from token to token. A decode step's activations, Q80 encodings and sync
+buffers all come from here; what a step still allocates is what it hands out (the logits, the
+embedded rows) and the kernels' own small per-call scratch (kernels/ops.py says why)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +10,7 @@ F32 = np.float32
 
 class Buffers:
     """Named work arrays reused from token to token: a name gets a new array only when the shape
-    asked for changes (another batch size), so steady decoding allocates no numpy buffers."""
+    asked for changes (another batch size), so steady decoding makes no new work arrays."""
 
     def __init__(self):
         self._arrays = {}
