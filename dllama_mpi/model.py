@@ -47,6 +47,8 @@ class Linear:
             idx, args = by_kind.setdefault(kind, ([], {}))
             idx.append(i)
             for name, arr in a.items():
+                if kind == "q80" and name == "wq":
+                    arr = arr.view(np.uint16)   # how matmul_q80 reads the int8 weights
                 args.setdefault(name, []).append(arr)
         # (kind, output indices or None for all of them in order, weight argument lists)
         self.calls = [(kind, None if idx == list(range(len(mats))) else idx,

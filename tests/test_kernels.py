@@ -130,7 +130,7 @@ def _kernel(qtype, group, x, outs):
     elif qtype == "q41":
         K.matmul_q41([a[0] for a in group], [a[1] for a in group], [a[2] for a in group], xc, sx, dx, outs)
     else:
-        K.matmul_q80([a[0] for a in group], [a[1] for a in group], qx, dx, outs)
+        K.matmul_q80([a[0].view(np.uint16) for a in group], [a[1] for a in group], qx, dx, outs)  # as model.Linear
 
 
 def _reference(qtype, arrays, x, rows):
