@@ -268,8 +268,9 @@ def matmul_q41(wqs, wds, wms, xc, sx, dx, outs):
 
 def matmul_q80(wqs, wds, qx, dx, outs):
     """wqs: each tile's int8 weights read as uint16 words [ntile, nb, 32, 64] (model.Linear passes
-    wq.view(np.uint16)): word m of value j holds row 2m in its low byte and row 2m + 1 in its
-    high byte, each sign-extended by two shifts. Pairs of products are summed in int16
+    wq.view(np.uint16)): on a little-endian machine word m of value j holds row 2m in its low
+    byte and row 2m + 1 in its high byte; an arithmetic right shift of the word as int16
+    sign-extends each (the low byte after a left shift by 8). Pairs of products are summed in int16
     (|w0 x0 + w1 x1| <= 2 * 128 * 127 = 32512) and accumulated in int32 per block, even and odd
     rows apart.
 
@@ -291,6 +292,7 @@ def matmul_q80(wqs, wds, qx, dx, outs):
         pe = np.zeros(64, np.int16)
         po = np.zeros(64, np.int16)
         s8 = np.int16(8)
+        s8u = np.uint16(8)   # shifted left as unsigned: no left shift of a negative value
         for tt in range(lo, hi):
             i, t = _tile_of(first, tt)
             wq = wqs[i]
@@ -308,10 +310,10 @@ def matmul_q80(wqs, wds, qx, dx, outs):
                         x0 = np.int16(qx[b, k, 2 * jj])
                         x1 = np.int16(qx[b, k, 2 * jj + 1])
                         for m in range(64):
-                            u = np.int16(wq[t, k, 2 * jj, m])
-                            v = np.int16(wq[t, k, 2 * jj + 1, m])
-                            pe[m] = ((u << s8) >> s8) * x0 + ((v << s8) >> s8) * x1
-                            po[m] = (u >> s8) * x0 + (v >> s8) * x1
+                            u = wq[t, k, 2 * jj, m]
+                            v = wq[t, k, 2 * jj + 1, m]
+                            pe[m] = (np.int16(u << s8u) >> s8) * x0 + (np.int16(v << s8u) >> s8) * x1
+                            po[m] = (np.int16(u) >> s8) * x0 + (np.int16(v) >> s8) * x1
                         #omp simd
                         for m in range(64):
                             ie[m] += np.int32(pe[m])
