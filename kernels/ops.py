@@ -425,18 +425,35 @@ def quantize_q80_records(x, recf, reci):
     view [B, n/32 * 9], reci its int8 view [B, n/32 * 36] (one call instead of quantize_q80 and
     two numpy copies into the records)."""
     B = x.shape[0]
+    if B == 1:
+        _q80_record_rows(x, recf, reci, 0, 1)
+    else:
+        #omp parallel
+        if 1:
+            nth = omp.get_num_threads()
+            th = omp.get_thread_num()
+            _q80_record_rows(x, recf, reci, B * th // nth, B * (th + 1) // nth)
+
+
+def _q80_record_rows(x, recf, reci, lo, hi):
+    """Rows lo..hi-1 of quantize_q80_records: quantize_q80's amax and quantization passes only
+    (the records carry no 4-bit coefficients), then d and q into each record."""
     nb = x.shape[1] // 32
-    qx = np.empty((B, nb, 32), np.int8)
-    dx = np.empty((B, nb), np.float32)
-    quantize_q80(x, qx, dx, np.empty((B, nb), np.int32), np.empty((B, nb, 8, 4), np.int16))
-    for b in range(B):
+    qx = np.empty((x.shape[0], nb * 32), np.int8)
+    dx = np.empty((x.shape[0], nb), np.float32)
+    sx = np.empty((x.shape[0], nb), np.int32)
+    ta = np.empty((1, x.shape[1] // 4), np.float32)
+    for b in range(lo, hi):
+        _q80_amax(x, b, ta, dx)
+        _q80_quant(x, b, dx, sx, qx)
         rf = recf[b]
         ri = reci[b]
         qb = qx[b]
         for k in range(nb):
             rf[k * 9] = dx[b, k]
+            #omp simd
             for j in range(32):
-                ri[k * 36 + 4 + j] = qb[k, j]
+                ri[k * 36 + 4 + j] = qb[k * 32 + j]
 
 
 def _silu_rows(a, b, lo, hi):
