@@ -515,8 +515,7 @@ def bench(shape, model, weights_float_type, head_float_type, buffer_float_type, 
         sys.exit(code)
     kinds = f"{weights_float_type} (LM head {head})" if shape else ", ".join(state["kinds"])
     res = B.report(shape or str(model), kinds, buffer_float_type, nthreads, prompt_tokens, steps, state["speeds"],
-                   state["bandwidth"],
-                   state["weights"], stats)
+                   state["bandwidth"], state["weights"], stats)
     click.echo(B.to_json(res) if as_json else B.text(res))
 
 
